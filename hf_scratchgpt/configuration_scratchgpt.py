@@ -16,7 +16,9 @@ PRESETS: dict[str, dict] = {
     "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
     "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
     # Not a GPT-2 size: a model small enough to build and run in a unit test in milliseconds.
-    "tiny": dict(vocab_size=1000, context_length=64, emb_dim=32, n_layers=2, n_heads=4),
+    "tiny": dict(
+        vocab_size=1000, context_length=64, emb_dim=32, n_layers=2, n_heads=4, bos_token_id=0, eos_token_id=0
+    ),
 }
 _GPT2_SHAPE = dict(vocab_size=50257, context_length=1024, qkv_bias=True)
 
