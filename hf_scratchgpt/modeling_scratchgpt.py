@@ -9,10 +9,12 @@ This file is copied next to the weights by `save_pretrained`, so that anyone can
 """
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -180,6 +182,14 @@ class ScratchGPTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loading, with a corrupt weights file named in the error instead of a bare header error."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as err:
+            raise OSError(f"{_broken_safetensors(pretrained_model_name_or_path)} cannot be read: {err}") from None
+
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2's initialisation: N(0, 0.02) for weights, zero biases, unit LayerNorms (done by the base class),
         and the residual projections scaled down by 1/sqrt(2 * n_layers), one factor per residual branch."""
@@ -189,6 +199,19 @@ class ScratchGPTPreTrainedModel(PreTrainedModel):
             init.normal_(module.out_proj.weight, mean=0.0, std=std)
         elif isinstance(module, FeedForward):
             init.normal_(module.fc2.weight, mean=0.0, std=std)
+
+
+def _broken_safetensors(folder) -> str:
+    """The first `.safetensors` file in `folder` that does not open, else a generic description."""
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(folder, name), framework="pt"):
+                        pass
+                except SafetensorError:
+                    return os.path.join(folder, name)
+    return f"a safetensors weights file of {folder}"
 
 
 class ScratchGPTModel(ScratchGPTPreTrainedModel):

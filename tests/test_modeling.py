@@ -1,0 +1,262 @@
+"""Tests of hf_scratchgpt/modeling_scratchgpt.py: the math, generation, saving and loading, the heads."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM, ScratchGPTForSequenceClassification, ScratchGPTModel
+
+
+def tiny(**overrides) -> ScratchGPTConfig:
+    return ScratchGPTConfig.from_preset("tiny", **{"drop_rate": 0.0, **overrides})
+
+
+def make_lm(seed=0, **overrides) -> ScratchGPTForCausalLM:
+    torch.manual_seed(seed)
+    return ScratchGPTForCausalLM(tiny(**overrides)).eval()
+
+
+def test_loss_is_cross_entropy_of_shifted_logits_ignoring_minus_100():
+    model = make_lm()
+    x = torch.randint(1, 1000, (3, 12))
+    labels = x.clone()
+    labels[0, :4] = -100
+    labels[2, -3:] = -100
+    out = model(x, labels=labels)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 1000), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_eager_attention_is_the_book_math():
+    """The eager path against chapter 3's CausalAttention written out with a tril mask, one head at a time."""
+    model = make_lm(attn_implementation="eager")
+    att = model.model.trf_blocks[0].att
+    x = torch.randn(2, 7, 32)
+    wq, wk, wv = att.qkv.weight.split(32)
+    heads = []
+    for h in range(4):
+        sl = slice(8 * h, 8 * h + 8)
+        q, k, v = x @ wq[sl].T, x @ wk[sl].T, x @ wv[sl].T
+        scores = q @ k.transpose(1, 2)
+        scores = scores.masked_fill(torch.triu(torch.ones(7, 7), diagonal=1).bool(), -torch.inf)
+        heads.append(torch.softmax(scores / 8**0.5, dim=-1) @ v)
+    expected = att.out_proj(torch.cat(heads, dim=-1))
+    torch.testing.assert_close(att(x)[0], expected)
+
+
+def padded_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(1, 1000, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[1, -3:] = 0  # right padding
+    return ids, mask
+
+
+def test_eager_and_sdpa_agree_on_padded_batches():
+    ids, mask = padded_batch()
+    eager = make_lm(attn_implementation="eager")
+    sdpa = make_lm(attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    real = mask.bool()
+    torch.testing.assert_close(
+        eager(ids, attention_mask=mask).logits[real], sdpa(ids, attention_mask=mask).logits[real], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(eager(ids).logits, sdpa(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    x = torch.randint(0, 1000, (2, 16))
+    results = []
+    for checkpointing in (False, True):
+        model = make_lm()
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert model.model.trf_blocks[0].gradient_checkpointing
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], msg=name)
+
+
+def greedy_loop(model, ids, steps):
+    for _ in range(steps):
+        next_id = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+def test_generate_with_and_without_cache_equals_a_plain_loop():
+    model = make_lm(eos_token_id=None)
+    prompt = torch.randint(1, 1000, (2, 6))
+    loop = greedy_loop(model, prompt, 20)
+    with_cache = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True)
+    without_cache = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, loop)
+    assert torch.equal(without_cache, loop)
+
+
+def test_left_padded_batch_generates_what_each_row_generates_alone():
+    model = make_lm(eos_token_id=None, pad_token_id=0)
+    rows = [torch.randint(1, 1000, (n,)) for n in (7, 3, 5)]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([F.pad(r, (width - len(r), 0), value=0) for r in rows])
+    mask = torch.stack([F.pad(torch.ones_like(r), (width - len(r), 0), value=0) for r in rows])
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for i, row in enumerate(rows):
+        alone = greedy_loop(model, row[None], 12)
+        assert torch.equal(batch[i, width:], alone[0, len(row) :]), f"row {i}"
+
+
+def test_generation_stops_at_eos():
+    model = make_lm(eos_token_id=None)
+    prompt = torch.randint(1, 1000, (1, 5))
+    free = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    eos = int(free[0, 7])  # make the third new token the end of text
+    model.generation_config.eos_token_id = eos
+    stopped = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    first_eos = (free[0, 5:] == eos).nonzero()[0].item() + 5
+    assert torch.equal(stopped[0], free[0, : first_eos + 1])
+
+
+def test_sequence_longer_than_context_raises_value_error():
+    model = make_lm(eos_token_id=None)
+    with pytest.raises(ValueError, match="65 tokens .* context_length of 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="context_length of 64"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10, do_sample=False)
+
+
+def test_tied_weights_are_one_tensor_and_untied_are_two(tmp_path):
+    tied = make_lm()
+    assert tied.lm_head.weight is tied.model.tok_emb.weight
+    tied.save_pretrained(tmp_path / "tied")
+    with safe_open(tmp_path / "tied" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.tok_emb.weight" in f.keys()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.tok_emb.weight.data_ptr()
+
+    untied = make_lm(tie_word_embeddings=False)
+    assert untied.lm_head.weight.data_ptr() != untied.model.tok_emb.weight.data_ptr()
+    untied.save_pretrained(tmp_path / "untied")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "untied")
+    torch.testing.assert_close(loaded.lm_head.weight, untied.lm_head.weight, rtol=0, atol=0)
+    assert loaded.lm_head.weight.data_ptr() != loaded.model.tok_emb.weight.data_ptr()
+
+
+def test_auto_classes_know_scratchgpt(tmp_path):
+    model = make_lm()
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), ScratchGPTForCausalLM)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), ScratchGPTModel)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert isinstance(classifier, ScratchGPTForSequenceClassification) and classifier.score.out_features == 3
+
+
+LOAD_SCRIPT = """
+import sys, torch
+{block}
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__module__.startswith({module!r}), type(model).__module__
+ids = torch.load(sys.argv[2])
+torch.save({{"state": model.state_dict(), "logits": model(ids).logits}}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("package_importable", [True, False], ids=["fresh-process", "trust-remote-code-without-package"])
+def test_save_then_load_in_another_process(tmp_path, package_importable):
+    model = make_lm(qkv_bias=True)
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 1000, (2, 10))
+    torch.save(ids, tmp_path / "ids.pt")
+    if package_importable:
+        block, module = "import hf_scratchgpt", "hf_scratchgpt"
+    else:  # hf_scratchgpt cannot be imported: the code must come from the saved folder
+        block, module = "sys.modules['hf_scratchgpt'] = None", "transformers_modules"
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT.format(block=block, module=module))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    out = torch.load(tmp_path / "out.pt")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(out["state"][name], tensor, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=0)
+
+
+def test_missing_or_corrupt_weights_name_the_file(tmp_path):
+    make_lm().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(OSError, match=f"{weights}.* cannot be read"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_bfloat16_loading_runs_in_bfloat16(tmp_path):
+    make_lm().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model(torch.randint(0, 1000, (1, 8))).logits.dtype == torch.bfloat16
+
+
+def test_logits_to_keep_keeps_the_last_positions():
+    model = make_lm()
+    x = torch.randint(0, 1000, (2, 10))
+    full = model(x).logits
+    torch.testing.assert_close(model(x, logits_to_keep=1).logits, full[:, -1:])
+
+
+def make_classifier(**overrides):
+    torch.manual_seed(0)
+    return ScratchGPTForSequenceClassification(tiny(num_labels=3, **overrides)).eval()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_classification_logits_do_not_depend_on_padding(attn_implementation):
+    pad = 0  # pad == eos, as in the book's chapter 6
+    model = make_classifier(pad_token_id=pad, attn_implementation=attn_implementation)
+    text = torch.randint(1, 1000, (6,))
+    alone = model(text[None]).logits
+    for left, right in [(0, 4), (3, 0), (2, 5), (7, 0)]:
+        ids = F.pad(text, (left, right), value=pad)[None]
+        mask = F.pad(torch.ones_like(text), (left, right), value=0)[None]
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, alone, atol=1e-5, rtol=1e-5)
+    # Without a mask, right padding with pad_token_id is found from the ids.
+    torch.testing.assert_close(model(F.pad(text, (0, 3), value=pad)[None]).logits, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_classification_loss_and_head_survive_save_and_load(tmp_path):
+    model = make_classifier()
+    ids = torch.randint(1, 1000, (4, 8))
+    labels = torch.tensor([0, 2, 1, 2])
+    out = model(ids, labels=labels)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.score.weight, model.score.weight, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(ids).logits, out.logits, rtol=0, atol=0)
+
+
+def test_output_hidden_states():
+    model = make_lm()
+    out = model(torch.randint(0, 1000, (1, 5)), output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.n_layers + 1
+    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
