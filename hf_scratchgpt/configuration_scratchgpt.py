@@ -40,6 +40,8 @@ class ScratchGPTConfig(PreTrainedConfig):
         qkv_bias: a bias on the query/key/value projection (False in the book's from-scratch model, True in GPT-2).
         layer_norm_eps: added to the variance in LayerNorm (GPT-2 and the book: 1e-5).
         initializer_range: standard deviation of the normal initialisation (GPT-2: 0.02).
+        loss_chunk_size: in training with labels, the loss computes the (tokens x vocab) logits this many rows at
+            a time and returns none (see `ChunkedLinearCrossEntropy`); 0 computes and returns all of them.
         tie_word_embeddings: share one matrix between token embedding and output head, as GPT-2 does
             (the book's chapter 4 model keeps two).
     """
@@ -62,6 +64,7 @@ class ScratchGPTConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     use_cache: bool = True
+    loss_chunk_size: int = 1024  # rows of logits made at a time by the training loss; 0: all at once, returned
     tie_word_embeddings: bool = True
     bos_token_id: int | None = 50256  # <|endoftext|> in GPT-2's vocabulary
     eos_token_id: int | list[int] | None = 50256
@@ -80,6 +83,8 @@ class ScratchGPTConfig(PreTrainedConfig):
             raise ValueError(
                 f"ScratchGPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"ScratchGPTConfig.loss_chunk_size must be >= 0, got {self.loss_chunk_size!r}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"ScratchGPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if self.layer_norm_eps <= 0:

@@ -246,7 +246,8 @@ class ScratchGPTModel(ScratchGPTPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("ScratchGPTModel takes exactly one of input_ids or inputs_embeds")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache is None:  # a cache serves generation; training has no use for one
+            use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
         output_hidden_states = (
@@ -300,6 +301,59 @@ def _position_ids(attention_mask: torch.Tensor | None, past_len: int, seq_len: i
     return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)  # (1, T)
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `labels` (-100 ignored), without all the logits at once.
+
+    The logits are made `chunk_size` rows at a time. Each chunk's gradient, softmax minus one-hot, is turned into
+    the gradients of `hidden` and `weight` right away, so backward only scales them. The matmuls are the plain
+    path's (one forward, two for the gradients); the memory is one (chunk_size, vocab) buffer instead of several
+    (B * T, vocab) ones: logits, log-softmax, and their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):  # hidden (N, C), weight (V, C), labels (N,)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
+            valid = (y != -100).unsqueeze(1)  # (n, 1)
+            target = y.clamp(min=0).unsqueeze(1)  # (n, 1), ignored rows point at token 0 and are masked
+            logits = (h @ weight.T).float()  # (n, V)
+            target_logits = logits.gather(1, target)  # (n, 1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()  # in place: one (n, V) buffer all along
+            sum_exps = exps.sum(dim=-1, keepdim=True)
+            loss += ((row_max + sum_exps.log() - target_logits) * valid).sum()  # log-sum-exp minus target logit
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d loss / d logits = softmax - one-hot, and 0 on ignored rows: scale by valid / sum, subtract valid.
+            grad_logits = exps.mul_(valid / sum_exps).scatter_add_(1, target, -valid.float()).to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
+        grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size, num_items_in_batch=None) -> torch.Tensor:
+    """The causal LM loss (mean over non-ignored next-token targets, or sum / `num_items_in_batch` when gradient
+    accumulation gives it) computed by `ChunkedLinearCrossEntropy`. Labels are shifted here, as transformers does."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1; the last predicts nothing
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * T, C)
+    loss_sum = ChunkedLinearCrossEntropy.apply(hidden, weight, targets.reshape(-1), chunk_size)
+    denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    return loss_sum / denominator
+
+
 class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
     """ScratchGPT with its language-modelling head (chapters 4.6 and 5): next-token logits over the vocabulary.
 
@@ -333,7 +387,11 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """`labels` are the input ids themselves (-100 where no loss is wanted): the loss shifts them by one."""
+        """`labels` are the input ids themselves (-100 where no loss is wanted): the loss shifts them by one.
+
+        In training mode with labels, the loss is computed chunk by chunk (`config.loss_chunk_size`) and no logits
+        are returned; set `loss_chunk_size=0` to get them.
+        """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -345,6 +403,14 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        chunked = self.config.loss_chunk_size > 0 and self.training and torch.is_grad_enabled()
+        if labels is not None and chunked and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            # Training: the loss without (B, T, vocab) logits, which are then not returned.
+            loss = chunked_causal_lm_loss(
+                hidden_states, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items_in_batch
+            )
+            return CausalLMOutputWithPast(loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states)
+
         if isinstance(logits_to_keep, int):  # generate() asks for the last position only
             hidden_states = hidden_states[:, -logits_to_keep:, :]
         else:

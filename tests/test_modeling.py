@@ -260,3 +260,23 @@ def test_output_hidden_states():
     out = model(torch.randint(0, 1000, (1, 5)), output_hidden_states=True)
     assert len(out.hidden_states) == model.config.n_layers + 1
     torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 1024])
+def test_chunked_training_loss_equals_the_plain_loss_and_gradients(chunk_size):
+    x = torch.randint(0, 1000, (3, 20))
+    labels = x.clone()
+    labels[0, :6] = -100
+    results = []
+    for loss_chunk_size in (chunk_size, 0):
+        model = make_lm(loss_chunk_size=loss_chunk_size).train()
+        out = model(x, labels=labels, num_items_in_batch=torch.tensor(40))
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (chunked, chunked_grads), (plain, plain_grads) = results
+    assert chunked.logits is None and plain.logits is not None
+    expected = F.cross_entropy(plain.logits[:, :-1].reshape(-1, 1000), labels[:, 1:].reshape(-1), reduction="sum") / 40
+    torch.testing.assert_close(plain.loss, expected)
+    torch.testing.assert_close(chunked.loss, plain.loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, msg=name)

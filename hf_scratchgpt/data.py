@@ -1,0 +1,462 @@
+"""Stage 2, data sampling: a text corpus becomes fixed-length training windows, on `datasets`.
+
+The book's chapter 2 (`GPTDatasetV1`) encodes the whole text and cuts it with a sliding window:
+
+    for i in range(0, len(token_ids) - max_length, stride):
+        input = token_ids[i : i + max_length];  target = token_ids[i + 1 : i + max_length + 1]
+
+Here a window is `input_ids = labels = token_ids[i : i + length]`, for the same starts `i`. So `input_ids`
+are the book's input rows exactly, and there are as many windows as the book makes. The labels are not
+shifted: a transformers causal LM shifts them itself (logits at position t predict labels[t + 1]), so the
+model is trained on the book's targets `target[:-1]`; the book's last target of each window,
+`token_ids[i + length]`, is the one prediction per window left out. As in the book, a corpus needs at least
+`length + 1` tokens; `stride == length` gives disjoint windows, a smaller stride overlapping ones.
+
+A corpus is a list of documents (one per file, or the rows of a text column), tokenized one by one in a
+batched `Dataset.map` (several processes with `num_proc`, cached by `datasets` for a corpus on disk) and
+joined with `<|endoftext|>` between documents, which gives the ids of `eos.join(documents)`. The windows are
+cut over the whole joined corpus, so they do not depend on how `map` batches it. A corpus larger than memory
+streams: with `streaming=True` (or an `IterableDataset`) the windows come from a generator over the stream.
+
+The train/validation split is the book's chapter 5 one: the first 90% of the characters for training, the
+rest for validation, before windowing (windows of the two never share a token). `split_corpus(by="documents")`
+shuffles whole documents with a seed instead.
+
+The same loading serves the later stages: `load_text_dataset` (files, `Dataset`, `IterableDataset`, Hub id)
+and `tokenize_dataset` keep other columns such as labels; the SMS spam data and split of chapter 6 and the
+Alpaca prompt format and split of chapter 7 are at the end of this module.
+"""
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    IterableDataset,
+    IterableDatasetDict,
+    List,
+    Value,
+    load_dataset,
+)
+from transformers import PreTrainedTokenizerBase
+
+
+__all__ = [
+    "default_corpus",
+    "load_text_dataset",
+    "tokenize_dataset",
+    "pretraining_windows",
+    "split_corpus",
+    "load_sms_spam",
+    "sms_spam_splits",
+    "load_instruction_data",
+    "instruction_splits",
+    "format_instruction",
+]
+
+# What `load_text_dataset` reads: a file or folder path, a list of `Path`s, a list of texts (documents),
+# a `Dataset` or `IterableDataset` with a text column, or a Hub dataset id.
+TextSource = str | os.PathLike | Sequence[str] | Sequence[os.PathLike] | Dataset | IterableDataset
+
+# A `str` with one of these endings names a file (missing or not), never a Hub dataset.
+_TEXT_FILE_SUFFIXES = (".txt", ".text", ".md", ".rst", ".tsv", ".csv", ".json", ".jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The corpus: documents from files, a dataset or the Hub
+
+
+def default_corpus() -> list[str]:
+    """A corpus that ships with Python: the language reference of `pydoc_data.topics`, one document per topic.
+
+    About 465,000 characters of English (79 topics), more than 20 times the book's "The Verdict", so the
+    pretraining recipe runs on a fresh machine with no download.
+    """
+    from pydoc_data.topics import topics
+
+    return list(topics.values())
+
+
+def load_text_dataset(
+    source: TextSource,
+    text_column: str = "text",
+    *,
+    split: str = "train",
+    streaming: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset | IterableDataset:
+    """Load a corpus as a dataset with a text column, checking that the column is there.
+
+    Args:
+        source: a path (`str` or `Path`) of a text file or of a folder of `.txt` files, a list of `Path`s
+            (each file one document), a list of `str` (the documents themselves, not file names), a `Dataset`
+            or `IterableDataset`, or a Hub dataset id (a `str` that is no local path).
+        text_column: the column holding the text; files and lists of texts get a column of this name.
+        split: the split of a Hub dataset.
+        streaming: return an `IterableDataset` that reads the corpus as it is iterated.
+        cache_dir: where `datasets` caches files and Hub data (default: its own cache).
+    """
+    if isinstance(source, (DatasetDict, IterableDatasetDict)):
+        raise ValueError(f"the corpus is a dict of splits {list(source)}: pass one split, e.g. corpus['train']")
+    if isinstance(source, (Dataset, IterableDataset)):
+        dataset = source
+    elif _is_hub_id(source):
+        dataset = load_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
+    elif isinstance(source, (list, tuple)) and all(isinstance(item, str) for item in source):
+        dataset = Dataset.from_dict({text_column: list(source)}, features=_text_features(text_column))
+    else:
+        files = _text_files(source)
+        dataset = load_dataset(
+            "text",
+            data_files=[str(path) for path in files],
+            sample_by="document",  # one row per file, its whole text (newlines read as Python's open() does)
+            features=_text_features(text_column),
+            split="train",
+            streaming=streaming,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+    if streaming and isinstance(dataset, Dataset):
+        dataset = dataset.to_iterable_dataset()
+    _check_text_column(dataset, text_column)
+    return dataset
+
+
+def _is_hub_id(source: object) -> bool:
+    """A `str` that names no local file or folder and does not end like a file name."""
+    return (
+        isinstance(source, str)
+        and not os.path.exists(source)
+        and not source.lower().endswith(_TEXT_FILE_SUFFIXES)
+        and not source.startswith((".", "/", "~"))
+    )
+
+
+def _text_files(source: str | os.PathLike | Sequence[os.PathLike]) -> list[Path]:
+    """The files of a corpus given as a file, a folder (its `.txt` files) or a list of `Path`s."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            if not files:
+                raise FileNotFoundError(f"no .txt files in corpus folder {path}")
+            return files
+        source = [path]
+    if not isinstance(source, (list, tuple)) or not all(isinstance(item, os.PathLike) for item in source):
+        raise ValueError(
+            "a corpus is a path, a list of Paths, a list of texts, a Dataset, an IterableDataset or a Hub id, "
+            f"got {type(source).__name__}"
+        )
+    for path in source:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"corpus file not found: {path}")
+    return [Path(path) for path in source]
+
+
+def _text_features(text_column: str) -> Features:
+    return Features({text_column: Value("string")})
+
+
+def _check_text_column(dataset: Dataset | IterableDataset, text_column: str) -> None:
+    """Fail early, with the column names, when the text column is missing, not text, or the corpus empty."""
+    if dataset.column_names is not None and text_column not in dataset.column_names:
+        raise ValueError(f"text column {text_column!r} not found; the corpus has columns {dataset.column_names}")
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError("the corpus is empty: it has no documents")
+    feature = (dataset.features or {}).get(text_column)
+    if isinstance(feature, Value) and feature.dtype not in ("string", "large_string"):
+        raise ValueError(f"column {text_column!r} holds {feature.dtype}, not text")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizing and cutting windows
+
+
+def tokenize_dataset(
+    dataset: Dataset | IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    text_column: str = "text",
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    """Replace the text column by `input_ids`, one row per document, keeping the other columns (labels...).
+
+    Runs as a batched `map`, in `num_proc` processes for a `Dataset` (a stream tokenizes as it is read);
+    `datasets` caches the result of a dataset stored on disk. No special token is added.
+    """
+    _check_text_column(dataset, text_column)
+    options = dict(num_proc=num_proc, desc="Tokenizing") if isinstance(dataset, Dataset) else {}
+    return dataset.map(
+        _tokenize_batch,
+        batched=True,
+        remove_columns=[text_column],
+        fn_kwargs=dict(tokenizer=tokenizer, text_column=text_column),
+        **options,
+    )
+
+
+def _tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, text_column: str) -> dict:
+    encoded = tokenizer(batch[text_column], add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return {"input_ids": encoded["input_ids"]}
+
+
+def pretraining_windows(
+    corpus: TextSource | DatasetDict | IterableDatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    length: int,
+    stride: int | None = None,
+    *,
+    text_column: str = "text",
+    num_proc: int | None = None,
+    streaming: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset | IterableDataset | DatasetDict | IterableDatasetDict:
+    """The book's sliding windows over a corpus: rows of `input_ids` and `labels`, `length` ints each.
+
+    Args:
+        corpus: anything `load_text_dataset` reads, or a dict of splits (each split gets its own windows).
+        tokenizer: its `eos_token` goes between documents.
+        length: tokens per window (the book's `max_length`); at most the model's context length.
+        stride: tokens between the starts of two windows; `length` (the default) for disjoint windows.
+        num_proc: processes for tokenizing a `Dataset`.
+        streaming: produce the windows lazily from a stream (an `IterableDataset`).
+
+    Windows are `input_ids = labels = token_ids[i : i + length]` for `i` in the book's
+    `range(0, len(token_ids) - length, stride)`: see the module docstring.
+    """
+    for name, value in (("length", length), ("stride", length if stride is None else stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    stride = length if stride is None else stride
+    if isinstance(corpus, (DatasetDict, IterableDatasetDict)):
+        splits = {
+            name: _windows(split, tokenizer, length, stride, text_column, num_proc, streaming, cache_dir, name)
+            for name, split in corpus.items()
+        }
+        return IterableDatasetDict(splits) if streaming or isinstance(corpus, IterableDatasetDict) else DatasetDict(splits)
+    return _windows(corpus, tokenizer, length, stride, text_column, num_proc, streaming, cache_dir, "corpus")
+
+
+def _windows(source, tokenizer, length, stride, text_column, num_proc, streaming, cache_dir, name):
+    dataset = load_text_dataset(source, text_column, streaming=streaming, cache_dir=cache_dir)
+    documents = tokenize_dataset(dataset, tokenizer, text_column=text_column, num_proc=num_proc)
+    documents = documents.select_columns(["input_ids"])
+    if isinstance(documents, IterableDataset):
+        return IterableDataset.from_generator(
+            _stream_windows,
+            gen_kwargs=dict(documents=documents, length=length, stride=stride, eos_id=tokenizer.eos_token_id, name=name),
+            features=_window_features(length=None),
+        )
+    tokens = _joined_tokens(documents, tokenizer.eos_token_id)
+    _check_enough_tokens(len(tokens), length, name)
+    starts = np.arange(0, len(tokens) - length, stride)  # the book's range(0, len(token_ids) - max_length, stride)
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, length)[starts]  # (windows, length)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), length)
+    return Dataset.from_dict({"input_ids": column, "labels": column}, features=_window_features(length))
+
+
+def _window_features(length: int | None) -> Features:
+    ids = List(Value("int64"), length=-1 if length is None else length)  # int64: the loss wants long labels
+    return Features({"input_ids": ids, "labels": ids})
+
+
+def _joined_tokens(documents: Dataset, eos_id: int | None) -> np.ndarray:
+    """All documents' ids in one array with `eos_id` between consecutive documents: `eos.join(documents)`."""
+    if eos_id is None and len(documents) > 1:
+        raise ValueError("the tokenizer has no eos_token to put between documents")
+    column = documents.with_format("arrow")["input_ids"]  # honours select/shuffle, unlike `documents.data`
+    ids = pc.list_flatten(column).to_numpy().astype(np.int64)
+    document_ends = np.cumsum(pc.list_value_length(column).to_numpy())[:-1]
+    return ids if len(document_ends) == 0 else np.insert(ids, document_ends, eos_id)
+
+
+def _stream_windows(
+    documents: IterableDataset, length: int, stride: int, eos_id: int | None, name: str
+) -> Iterator[dict]:
+    """The same windows as in memory, from a rolling buffer over a stream of tokenized documents."""
+    buffer: list[int] = []
+    start = 0  # where the next window starts, in `buffer`; past its end while a long stride skips tokens
+    seen_tokens = windows = 0
+    for index, document in enumerate(documents):
+        if index > 0:
+            if eos_id is None:
+                raise ValueError("the tokenizer has no eos_token to put between documents")
+            pass
+        buffer.extend(document["input_ids"])
+        seen_tokens += len(document["input_ids"]) + (index > 0)
+        while len(buffer) - start > length:  # a window and the token after it, as the book's range end
+            window = buffer[start : start + length]
+            yield {"input_ids": window, "labels": window}
+            windows += 1
+            start += stride
+        consumed = min(start, len(buffer))
+        del buffer[:consumed]
+        start -= consumed
+    if windows == 0:
+        _check_enough_tokens(seen_tokens, length, name)
+
+
+def _check_enough_tokens(num_tokens: int, length: int, name: str) -> None:
+    if num_tokens == 0:
+        raise ValueError(f"{name} is empty: its documents hold no tokens")
+    if num_tokens <= length:
+        raise ValueError(
+            f"{name} has {num_tokens} tokens, fewer than one window needs: {length + 1} "
+            f"(length {length} + 1, as the book's GPTDatasetV1)"
+        )
+
+
+def split_corpus(
+    dataset: Dataset,
+    train_fraction: float = 0.9,
+    *,
+    by: Literal["characters", "documents"] = "characters",
+    seed: int = 123,
+    text_column: str = "text",
+) -> DatasetDict:
+    """Split a corpus into "train" and "validation" texts, before windowing.
+
+    `by="characters"` is the book's chapter 5 split, deterministic: the first `int(train_fraction * n)` of
+    the corpus' `n` characters train, the rest validate (the document holding the cut is cut in two).
+    `by="documents"` shuffles whole documents with `seed` and keeps `train_fraction` of them for training.
+    Only the text column is kept.
+    """
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be between 0 and 1, got {train_fraction!r}")
+    dataset = load_text_dataset(dataset, text_column)
+    if not isinstance(dataset, Dataset):
+        raise ValueError("split_corpus needs a Dataset, not a stream: give a stream's validation part apart")
+    dataset = dataset.select_columns([text_column])
+    if by == "documents":
+        if len(dataset) < 2:
+            raise ValueError(f"cannot split {len(dataset)} document by documents; split by characters")
+        parts = dataset.train_test_split(train_size=train_fraction, seed=seed)
+        return DatasetDict(train=parts["train"], validation=parts["test"])
+    if by != "characters":
+        raise ValueError(f"by must be 'characters' or 'documents', got {by!r}")
+    texts = dataset[text_column]
+    cut = int(train_fraction * sum(len(text) for text in texts))  # the book: int(train_ratio * len(text_data))
+    train, validation, seen = [], [], 0
+    for text in texts:
+        if seen + len(text) <= cut:
+            train.append(text)
+        elif seen >= cut:
+            validation.append(text)
+        else:
+            train.append(text[: cut - seen])
+            validation.append(text[cut - seen :])
+        seen += len(text)
+    features = _text_features(text_column)
+    return DatasetDict(
+        train=Dataset.from_dict({text_column: train}, features=features),
+        validation=Dataset.from_dict({text_column: validation}, features=features),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chapter 6, classification: the SMS Spam Collection
+
+
+SMS_LABELS = ("ham", "spam")  # label ids 0 and 1, as the book maps them
+
+
+def load_sms_spam(path: str | os.PathLike) -> Dataset:
+    """The SMS Spam Collection (`label<TAB>text` lines, no header) as columns `text` and `label` (ham 0, spam 1).
+
+    Every line is one message: 5,574 messages in v.1. (The book reads the file with pandas' default quoting,
+    which joins a few lines that start with a quote; this reads the lines as they are.)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SMS spam file not found: {path}")
+    texts, labels = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        label, tab, text = line.partition("\t")
+        if not tab or label not in SMS_LABELS:
+            raise ValueError(f"{path}, line {number}: expected 'ham<TAB>text' or 'spam<TAB>text', got {line[:40]!r}")
+        texts.append(text)
+        labels.append(SMS_LABELS.index(label))
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(SMS_LABELS))})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def sms_spam_splits(
+    dataset: Dataset, *, train_fraction: float = 0.7, validation_fraction: float = 0.1, seed: int = 123
+) -> DatasetDict:
+    """The book's balanced split: as many ham messages as spam ones, shuffled, then 70% / 10% / 20%.
+
+    Draws the same rows as the book's pandas code (`sample(n, random_state=123)`, `sample(frac=1, ...)`),
+    which permutes with numpy's `RandomState(seed)`: 1,045 / 149 / 300 messages from the full collection.
+    """
+    labels = np.asarray(dataset["label"])
+    spam, ham = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if len(spam) == 0 or len(ham) < len(spam):
+        raise ValueError(f"a balanced split needs at least as many ham as spam messages, got {len(ham)} and {len(spam)}")
+    ham = ham[np.random.RandomState(seed).permutation(len(ham))[: len(spam)]]  # pandas' sample(n, random_state)
+    balanced = np.concatenate([ham, spam])
+    balanced = balanced[np.random.RandomState(seed).permutation(len(balanced))]  # pandas' sample(frac=1, ...)
+    train_end = int(len(balanced) * train_fraction)
+    validation_end = train_end + int(len(balanced) * validation_fraction)
+    return DatasetDict(
+        train=dataset.select(balanced[:train_end]),
+        validation=dataset.select(balanced[train_end:validation_end]),
+        test=dataset.select(balanced[validation_end:]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chapter 7, instruction tuning: Alpaca-style prompts
+
+
+INSTRUCTION_KEYS = ("instruction", "input", "output")
+
+
+def load_instruction_data(path: str | os.PathLike) -> Dataset:
+    """The book's instruction data: a JSON list of `{"instruction", "input", "output"}` entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"instruction data file not found: {path}")
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty JSON list of entries")
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(key), str) for key in INSTRUCTION_KEYS):
+            raise ValueError(f"{path}, entry {index}: expected string fields {list(INSTRUCTION_KEYS)}")
+    return Dataset.from_list([{key: entry[key] for key in INSTRUCTION_KEYS} for entry in entries])
+
+
+def instruction_splits(dataset: Dataset) -> DatasetDict:
+    """The book's chapter 7 split, in file order: 85% train, 10% test, the remaining 5% validation."""
+    train_end = int(len(dataset) * 0.85)
+    test_end = train_end + int(len(dataset) * 0.1)
+    return DatasetDict(
+        train=dataset.select(range(train_end)),
+        test=dataset.select(range(train_end, test_end)),
+        validation=dataset.select(range(test_end, len(dataset))),
+    )
+
+
+def format_instruction(entry: Mapping[str, str], *, with_response: bool = True) -> str:
+    """An entry in the Alpaca prompt format of the book's chapter 7.
+
+    `with_response=False` gives the book's `format_input(entry)`, the prompt a model answers; the default
+    appends `"\\n\\n### Response:\\n" + output`, the full text of a training example.
+    """
+    text = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+    if entry["input"]:
+        text += f"\n\n### Input:\n{entry['input']}"
+    if with_response:
+        text += f"\n\n### Response:\n{entry['output']}"
+    return text
