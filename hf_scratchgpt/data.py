@@ -232,40 +232,38 @@ def pretraining_windows(
     Windows are `input_ids = labels = token_ids[i : i + length]` for `i` in the book's
     `range(0, len(token_ids) - length, stride)`: see the module docstring.
     """
-    for name, value in (("length", length), ("stride", length if stride is None else stride)):
+    stride = length if stride is None else stride
+    for name, value in (("length", length), ("stride", stride)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    stride = length if stride is None else stride
-    if isinstance(corpus, (DatasetDict, IterableDatasetDict)):
-        splits = {
-            name: _windows(split, tokenizer, length, stride, text_column, num_proc, streaming, cache_dir, name)
-            for name, split in corpus.items()
-        }
-        return IterableDatasetDict(splits) if streaming or isinstance(corpus, IterableDatasetDict) else DatasetDict(splits)
-    return _windows(corpus, tokenizer, length, stride, text_column, num_proc, streaming, cache_dir, "corpus")
+
+    def windows_of(source: TextSource, where: str) -> Dataset | IterableDataset:
+        dataset = load_text_dataset(source, text_column, streaming=streaming, cache_dir=cache_dir)
+        documents = tokenize_dataset(dataset, tokenizer, text_column=text_column, num_proc=num_proc)
+        return _cut_windows(documents.select_columns(["input_ids"]), length, stride, tokenizer.eos_token_id, where)
+
+    if not isinstance(corpus, (DatasetDict, IterableDatasetDict)):
+        return windows_of(corpus, "the corpus")
+    windows = {name: windows_of(split, f"the {name!r} split") for name, split in corpus.items()}
+    streamed = any(isinstance(split, IterableDataset) for split in windows.values())
+    return IterableDatasetDict(windows) if streamed else DatasetDict(windows)
 
 
-def _windows(source, tokenizer, length, stride, text_column, num_proc, streaming, cache_dir, name):
-    dataset = load_text_dataset(source, text_column, streaming=streaming, cache_dir=cache_dir)
-    documents = tokenize_dataset(dataset, tokenizer, text_column=text_column, num_proc=num_proc)
-    documents = documents.select_columns(["input_ids"])
+def _cut_windows(
+    documents: Dataset | IterableDataset, length: int, stride: int, eos_id: int | None, where: str
+) -> Dataset | IterableDataset:
+    """Windows over tokenized documents: cut in memory with numpy, or by a generator over a stream."""
+    ids = List(Value("int64"), length=length)  # int64: the loss wants long labels
+    features = Features({"input_ids": ids, "labels": ids})
     if isinstance(documents, IterableDataset):
-        return IterableDataset.from_generator(
-            _stream_windows,
-            gen_kwargs=dict(documents=documents, length=length, stride=stride, eos_id=tokenizer.eos_token_id, name=name),
-            features=_window_features(length=None),
-        )
-    tokens = _joined_tokens(documents, tokenizer.eos_token_id)
-    _check_enough_tokens(len(tokens), length, name)
+        options = dict(documents=documents, length=length, stride=stride, eos_id=eos_id, where=where)
+        return IterableDataset.from_generator(_stream_windows, gen_kwargs=options, features=features)
+    tokens = _joined_tokens(documents, eos_id)
+    _check_enough_tokens(len(tokens), length, where)
     starts = np.arange(0, len(tokens) - length, stride)  # the book's range(0, len(token_ids) - max_length, stride)
     windows = np.lib.stride_tricks.sliding_window_view(tokens, length)[starts]  # (windows, length)
     column = pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), length)
-    return Dataset.from_dict({"input_ids": column, "labels": column}, features=_window_features(length))
-
-
-def _window_features(length: int | None) -> Features:
-    ids = List(Value("int64"), length=-1 if length is None else length)  # int64: the loss wants long labels
-    return Features({"input_ids": ids, "labels": ids})
+    return Dataset.from_dict({"input_ids": column, "labels": column}, features=features)
 
 
 def _joined_tokens(documents: Dataset, eos_id: int | None) -> np.ndarray:
@@ -279,7 +277,7 @@ def _joined_tokens(documents: Dataset, eos_id: int | None) -> np.ndarray:
 
 
 def _stream_windows(
-    documents: IterableDataset, length: int, stride: int, eos_id: int | None, name: str
+    documents: IterableDataset, length: int, stride: int, eos_id: int | None, where: str
 ) -> Iterator[dict]:
     """The same windows as in memory, from a rolling buffer over a stream of tokenized documents."""
     buffer: list[int] = []
@@ -289,7 +287,7 @@ def _stream_windows(
         if index > 0:
             if eos_id is None:
                 raise ValueError("the tokenizer has no eos_token to put between documents")
-            pass
+            buffer.append(eos_id)
         buffer.extend(document["input_ids"])
         seen_tokens += len(document["input_ids"]) + (index > 0)
         while len(buffer) - start > length:  # a window and the token after it, as the book's range end
@@ -301,21 +299,21 @@ def _stream_windows(
         del buffer[:consumed]
         start -= consumed
     if windows == 0:
-        _check_enough_tokens(seen_tokens, length, name)
+        _check_enough_tokens(seen_tokens, length, where)
 
 
-def _check_enough_tokens(num_tokens: int, length: int, name: str) -> None:
+def _check_enough_tokens(num_tokens: int, length: int, where: str) -> None:
     if num_tokens == 0:
-        raise ValueError(f"{name} is empty: its documents hold no tokens")
+        raise ValueError(f"{where} is empty: its documents hold no tokens")
     if num_tokens <= length:
         raise ValueError(
-            f"{name} has {num_tokens} tokens, fewer than one window needs: {length + 1} "
+            f"{where} has {num_tokens} tokens, fewer than one window needs: {length + 1} "
             f"(length {length} + 1, as the book's GPTDatasetV1)"
         )
 
 
 def split_corpus(
-    dataset: Dataset,
+    corpus: TextSource,
     train_fraction: float = 0.9,
     *,
     by: Literal["characters", "documents"] = "characters",
@@ -327,13 +325,13 @@ def split_corpus(
     `by="characters"` is the book's chapter 5 split, deterministic: the first `int(train_fraction * n)` of
     the corpus' `n` characters train, the rest validate (the document holding the cut is cut in two).
     `by="documents"` shuffles whole documents with `seed` and keeps `train_fraction` of them for training.
-    Only the text column is kept.
+    `corpus` is anything `load_text_dataset` reads but a stream; only the text column is kept.
     """
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be between 0 and 1, got {train_fraction!r}")
-    dataset = load_text_dataset(dataset, text_column)
+    dataset = load_text_dataset(corpus, text_column)
     if not isinstance(dataset, Dataset):
-        raise ValueError("split_corpus needs a Dataset, not a stream: give a stream's validation part apart")
+        raise ValueError("split_corpus cannot split a stream: give a streamed corpus its own validation corpus")
     dataset = dataset.select_columns([text_column])
     if by == "documents":
         if len(dataset) < 2:
@@ -378,12 +376,14 @@ def load_sms_spam(path: str | os.PathLike) -> Dataset:
     if not path.is_file():
         raise FileNotFoundError(f"SMS spam file not found: {path}")
     texts, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        label, tab, text = line.partition("\t")
-        if not tab or label not in SMS_LABELS:
-            raise ValueError(f"{path}, line {number}: expected 'ham<TAB>text' or 'spam<TAB>text', got {line[:40]!r}")
-        texts.append(text)
-        labels.append(SMS_LABELS.index(label))
+    with path.open(encoding="utf-8") as lines:  # split at newlines only: a message may hold other separators
+        for number, line in enumerate(lines, start=1):
+            label, tab, text = line.removesuffix("\n").partition("\t")
+            if not tab or label not in SMS_LABELS:
+                expected = "expected 'ham<TAB>text' or 'spam<TAB>text'"
+                raise ValueError(f"{path}, line {number}: {expected}, got {line[:40]!r}")
+            texts.append(text)
+            labels.append(SMS_LABELS.index(label))
     features = Features({"text": Value("string"), "label": ClassLabel(names=list(SMS_LABELS))})
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
@@ -399,7 +399,9 @@ def sms_spam_splits(
     labels = np.asarray(dataset["label"])
     spam, ham = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     if len(spam) == 0 or len(ham) < len(spam):
-        raise ValueError(f"a balanced split needs at least as many ham as spam messages, got {len(ham)} and {len(spam)}")
+        raise ValueError(
+            f"a balanced split needs at least as many ham as spam messages: {len(ham)} ham, {len(spam)} spam"
+        )
     ham = ham[np.random.RandomState(seed).permutation(len(ham))[: len(spam)]]  # pandas' sample(n, random_state)
     balanced = np.concatenate([ham, spam])
     balanced = balanced[np.random.RandomState(seed).permutation(len(balanced))]  # pandas' sample(frac=1, ...)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 
 __all__ = ["EOS_TOKEN", "gpt2_tokenizer", "gpt2_tokenizer_from_dir", "train_bpe_tokenizer"]
@@ -52,10 +52,12 @@ def gpt2_tokenizer_from_dir(folder: str | os.PathLike) -> PreTrainedTokenizerFas
     A folder without OpenAI's two files is read by `AutoTokenizer.from_pretrained` (a folder written by
     `save_pretrained`, or a Hub id such as "openai-community/gpt2" when the network is there).
     """
-    folder = Path(folder)
-    vocab_file, merges_file = folder / "encoder.json", folder / "vocab.bpe"
+    path = Path(folder).expanduser()
+    vocab_file, merges_file = path / "encoder.json", path / "vocab.bpe"
     if vocab_file.is_file() and merges_file.is_file():
         return gpt2_tokenizer(vocab_file, merges_file)
+    if not path.is_dir() and (isinstance(folder, os.PathLike) or str(folder).startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     # Older Hub configs leave clean_up_tokenization_spaces unset, and it used to default to True.
     return AutoTokenizer.from_pretrained(str(folder), clean_up_tokenization_spaces=False)
 
