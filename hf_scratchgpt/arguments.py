@@ -1,0 +1,81 @@
+"""Stage 6, running the recipes: typed arguments from an optional YAML file and command-line flags.
+
+A recipe declares dataclasses (its own, plus transformers' `TrainingArguments`); `parse_recipe_args` fills them
+from `--config file.yaml` (sections such as `model:`, `data:`, `training:` are flattened) and then from flags,
+which win over the file. An unknown key in the file or an unknown flag is an error that names it, raised before
+anything runs; `run_recipe` turns such errors into one line on stderr and exit status 2.
+"""
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+
+def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, default_config=None):
+    """Instances of `dataclass_types` from `--config FILE` (or `default_config` when no `--config` is given) and
+    the flags in `argv` (default `sys.argv[1:]`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, argv = _pop_option(argv, "--config")
+    config_path = config_path or default_config
+    parser = HfArgumentParser(dataclass_types)
+    if config_path is not None:
+        known = {field.name for cls in dataclass_types for field in dataclasses.fields(cls)}
+        parser.set_defaults(**read_config(config_path, known))
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise ValueError(f"unknown option(s): {' '.join(remaining)}")
+    return tuple(parsed)
+
+
+def read_config(path, known: set[str]) -> dict:
+    """A recipe YAML file as one flat dict; a key that no argument has is an error naming it and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    content = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(content).__name__}")
+    flat = {}
+    for key, value in content.items():
+        if isinstance(value, dict) and key not in known:  # a section
+            for inner, inner_value in value.items():
+                flat[inner] = (f"{key}.{inner}", inner_value)
+        else:
+            flat[key] = (key, value)
+    unknown = [where for name, (where, _) in flat.items() if name not in known]
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s): {', '.join(unknown)}")
+    return {name: value for name, (_, value) in flat.items()}
+
+
+def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{flag} needs a value")
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return None, argv
+
+
+def run_recipe(main: Callable[[], object]) -> None:
+    """Run a recipe's `main`; bad input (ValueError, FileNotFoundError) becomes one line and exit status 2.
+
+    Set `HF_SCRATCHGPT_TRACEBACK=1` to see the whole traceback instead.
+    """
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("HF_SCRATCHGPT_TRACEBACK") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+__all__ = ["parse_recipe_args", "read_config", "run_recipe"]

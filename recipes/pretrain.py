@@ -1,0 +1,230 @@
+"""Stage 6, pretraining (the book's chapter 5): train ScratchGPT from scratch with transformers' `Trainer`.
+
+    python recipes/pretrain.py                                        # the embedded corpus, minutes on a CPU
+    python recipes/pretrain.py --config recipes/configs/pretrain/book_chapter5.yaml \\
+        --train_file the-verdict.txt --tokenizer path/to/gpt2/files   # the book's run
+    torchrun --nproc_per_node 2 recipes/pretrain.py ...               # several processes (DDP)
+    accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/pretrain.py ...
+
+Settings come from `--config FILE.yaml` (default: recipes/configs/pretrain/default.yaml) and flags, which win.
+The run: corpus -> tokenizer (trained on the corpus, or GPT-2's) -> sliding windows -> train (resumable from
+its checkpoints) -> save model, tokenizer, code and model card -> loss plot -> a sample generation.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, GenerationConfig, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.integrations import is_tensorboard_available
+
+from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
+from hf_scratchgpt.arguments import parse_recipe_args, run_recipe
+from hf_scratchgpt.data import default_corpus, load_text_dataset, pretraining_windows, split_corpus
+from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
+from hf_scratchgpt.training import LossPlotCallback, SampleGenerationCallback, ScratchGPTTrainer, generate_sample
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain" / "default.yaml"
+
+
+@dataclass
+class ModelArguments:
+    preset: str | None = field(
+        default=None, metadata={"help": "Named shape (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, tiny)."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a saved ScratchGPT (folder or Hub id) instead of a new model."}
+    )
+    context_length: int | None = field(default=None, metadata={"help": "Tokens per window and model context."})
+    emb_dim: int | None = field(default=None, metadata={"help": "Model width."})
+    n_layers: int | None = field(default=None, metadata={"help": "Transformer blocks."})
+    n_heads: int | None = field(default=None, metadata={"help": "Attention heads."})
+    drop_rate: float | None = field(default=None, metadata={"help": "Dropout rate."})
+    qkv_bias: bool | None = field(default=None, metadata={"help": "Bias on the query/key/value projection."})
+    tie_word_embeddings: bool | None = field(default=None, metadata={"help": "Share embedding and output head."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager (the book's math) or sdpa."})
+
+
+@dataclass
+class DataArguments:
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": "Text file(s) or folder of .txt files; default: the embedded corpus."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id instead of files."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name to read."})
+    text_column: str = field(default="text", metadata={"help": "Column of --dataset_name holding the text."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of the corpus held out (book: 0.1)."})
+    split_by: str = field(default="characters", metadata={"help": "characters (the book's cut) or documents."})
+    stride: int | None = field(default=None, metadata={"help": "Tokens between window starts; default: context."})
+    tokenizer: str = field(
+        default="bpe",
+        metadata={"help": "bpe: train one on the corpus; else a folder with GPT-2's encoder.json + vocab.bpe, a saved "
+                  "tokenizer, or a Hub id (e.g. openai-community/gpt2)."},
+    )
+    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of a BPE tokenizer trained here."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
+    sample_prompt: str = field(default="Every effort moves you", metadata={"help": "Prompt of the sample text."})
+    sample_max_new_tokens: int = field(default=50, metadata={"help": "Tokens generated for each sample."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Write over a model in output_dir."})
+    tensorboard: bool = field(default=True, metadata={"help": "Log to TensorBoard when it is installed."})
+
+
+def main(argv=None) -> dict:
+    model_args, data_args, training_args = parse_recipe_args(
+        (ModelArguments, DataArguments, TrainingArguments), argv, default_config=DEFAULT_CONFIG
+    )
+    rank, world = training_args.process_index, training_args.world_size
+    print(f"pretrain: process {rank} of world size {world}")
+    check_output_dir(training_args, data_args.overwrite_output_dir)
+    checkpoint = resolve_checkpoint(training_args)
+    if data_args.tensorboard and training_args.report_to in ([], ["none"], "none") and is_tensorboard_available():
+        training_args.report_to = ["tensorboard"]
+
+    # Rank 0 trains the tokenizer and tokenizes (cached by datasets); the other ranks then read its results.
+    with training_args.main_process_first(desc="tokenizer and windows"):
+        corpus = split_corpus(
+            load_corpus(data_args), 1 - data_args.validation_fraction, by=data_args.split_by, seed=training_args.seed
+        )
+        tokenizer = build_tokenizer(data_args, corpus["train"], training_args.output_dir, rank == 0, checkpoint)
+        model = build_model(model_args, tokenizer)
+        context = model.config.context_length
+        windows = pretraining_windows(corpus, tokenizer, context, data_args.stride, num_proc=data_args.num_proc)
+    check_enough_windows(windows, training_args, context)
+
+    trainer = ScratchGPTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=windows["train"],
+        eval_dataset=windows["validation"],
+        processing_class=tokenizer,
+        callbacks=[
+            SampleGenerationCallback(tokenizer, data_args.sample_prompt, data_args.sample_max_new_tokens),
+            LossPlotCallback(),
+        ],
+        log_perplexity=True,
+        card=dict(
+            datasets=[data_args.dataset_name] if data_args.dataset_name else [],
+            tags=["text-generation", "pretraining"],
+            description=f"ScratchGPT pretrained from scratch on {describe_corpus(data_args)} with "
+            "`recipes/pretrain.py` of hf_scratchgpt.",
+        ),
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()  # weights, config with auto_map, code files, tokenizer, generation config
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        trainer.create_model_card()
+        print(f"\nsample: {generate_sample(model, tokenizer, data_args.sample_prompt, data_args.sample_max_new_tokens)!r}")
+        print(f"saved to {training_args.output_dir} (loss plot: {Path(training_args.output_dir) / 'loss.png'})")
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return metrics
+
+
+def check_output_dir(training_args: TrainingArguments, overwrite: bool) -> None:
+    """Refuse to write over a model already saved in output_dir, unless resuming or told to."""
+    output_dir = Path(training_args.output_dir)
+    if training_args.resume_from_checkpoint or overwrite or not (output_dir / "config.json").exists():
+        return
+    raise ValueError(
+        f"output_dir {output_dir} already holds a model (config.json): pass --overwrite_output_dir to replace it, "
+        "--resume_from_checkpoint to continue its run, or choose another --output_dir"
+    )
+
+
+def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint` as a folder: a path as given, or `last` (also `true`) for output_dir's newest."""
+    wanted = training_args.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if str(wanted).lower() in ("last", "latest", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {wanted}: no checkpoint-* folder in {training_args.output_dir}")
+        return last
+    if not os.path.isdir(wanted):
+        raise FileNotFoundError(f"--resume_from_checkpoint {wanted} is not a folder")
+    return wanted
+
+
+def load_corpus(data_args: DataArguments):
+    if data_args.train_file and data_args.dataset_name:
+        raise ValueError("give --train_file or --dataset_name, not both")
+    if data_args.train_file:
+        missing = [f for f in data_args.train_file if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"--train_file {missing[0]} does not exist")
+        files = data_args.train_file
+        return load_text_dataset(files[0] if len(files) == 1 else [Path(f) for f in files])
+    if data_args.dataset_name:
+        return load_text_dataset(data_args.dataset_name, data_args.text_column, split=data_args.dataset_split)
+    return load_text_dataset(default_corpus())
+
+
+def describe_corpus(data_args: DataArguments) -> str:
+    if data_args.train_file:
+        return ", ".join(Path(f).name for f in data_args.train_file)
+    return data_args.dataset_name or "the Python language reference (Python's `pydoc_data.topics`)"
+
+
+def build_tokenizer(data_args: DataArguments, train_texts, output_dir: str, is_main: bool, checkpoint: str | None):
+    """GPT-2's tokenizer or a saved one; or a BPE tokenizer trained on the training text by the main process and
+    saved in output_dir for the others. A resumed run reads the tokenizer of its checkpoint."""
+    if checkpoint is not None:
+        return gpt2_tokenizer_from_dir(checkpoint)
+    if data_args.tokenizer != "bpe":
+        return gpt2_tokenizer_from_dir(data_args.tokenizer)
+    if not is_main:
+        return gpt2_tokenizer_from_dir(output_dir)
+    tokenizer = train_bpe_tokenizer(train_texts["text"], data_args.vocab_size)
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def build_model(model_args: ModelArguments, tokenizer) -> ScratchGPTForCausalLM:
+    if model_args.model_name_or_path:
+        return AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
+        )
+    overrides = {
+        name: getattr(model_args, name)
+        for name in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_word_embeddings")
+        if getattr(model_args, name) is not None
+    }
+    overrides.update(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=model_args.attn_implementation,
+    )
+    config = ScratchGPTConfig.from_preset(model_args.preset, **overrides) if model_args.preset else ScratchGPTConfig(
+        **overrides
+    )
+    model = ScratchGPTForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    return model
+
+
+def check_enough_windows(windows, training_args: TrainingArguments, context: int) -> None:
+    """A corpus must fill one batch of training windows and one validation window."""
+    batch = training_args.per_device_train_batch_size * training_args.world_size
+    if len(windows["train"]) < batch:
+        raise ValueError(
+            f"the training corpus gives {len(windows['train'])} windows of {context} tokens, fewer than one batch of "
+            f"{batch}: use more text, a smaller --context_length or --per_device_train_batch_size"
+        )
+    if len(windows["validation"]) == 0:
+        raise ValueError("the validation part of the corpus gives no window: raise --validation_fraction")
+
+
+if __name__ == "__main__":
+    run_recipe(main)
