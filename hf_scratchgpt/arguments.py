@@ -16,13 +16,16 @@ import yaml
 from transformers import HfArgumentParser
 
 
-def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, default_config=None):
-    """Instances of `dataclass_types` from `--config FILE` (or `default_config` when no `--config` is given) and
-    the flags in `argv` (default `sys.argv[1:]`)."""
+def parse_recipe_args(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, default_config=None, defaults=None
+):
+    """Instances of `dataclass_types` from, by rising precedence: the recipe's `defaults`, `--config FILE` (or
+    `default_config` when no `--config` is given), and the flags in `argv` (default `sys.argv[1:]`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = _pop_option(argv, "--config")
     config_path = config_path or default_config
     parser = HfArgumentParser(dataclass_types)
+    parser.set_defaults(**(defaults or {}))
     if config_path is not None:
         known = {field.name for cls in dataclass_types for field in dataclasses.fields(cls)}
         parser.set_defaults(**read_config(config_path, known))

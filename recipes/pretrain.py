@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.integrations import is_tensorboard_available
@@ -72,7 +73,11 @@ class DataArguments:
 
 def main(argv=None) -> dict:
     model_args, data_args, training_args = parse_recipe_args(
-        (ModelArguments, DataArguments, TrainingArguments), argv, default_config=DEFAULT_CONFIG
+        (ModelArguments, DataArguments, TrainingArguments),
+        argv,
+        default_config=DEFAULT_CONFIG,
+        # On a machine with no accelerator, this also makes several processes one DDP group over gloo.
+        defaults=dict(use_cpu=not torch.accelerator.is_available()),
     )
     rank, world = training_args.process_index, training_args.world_size
     print(f"pretrain: process {rank} of world size {world}")

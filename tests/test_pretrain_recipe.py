@@ -1,0 +1,157 @@
+"""Tests of recipes/pretrain.py: a few steps end to end, two processes, resuming, and bad input."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_scratchgpt.data import default_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "pretrain.py"
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("pretrain_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = load_recipe()
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    """About 40,000 characters of English from the embedded corpus."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(default_corpus()[:12])[:40_000])
+    return path
+
+
+def tiny_args(corpus_file, output_dir, *extra) -> list[str]:
+    return [
+        "--train_file", str(corpus_file), "--output_dir", str(output_dir),
+        "--context_length", "32", "--emb_dim", "32", "--n_layers", "2", "--n_heads", "2", "--vocab_size", "300",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--warmup_steps", "2",
+        "--sample_max_new_tokens", "5", "--tensorboard", "false", "--disable_tqdm", "true",
+        *extra,
+    ]
+
+
+def test_a_few_steps_save_a_complete_hub_folder(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = pretrain.main(tiny_args(corpus_file, out))
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-4)
+    for name in ("model.safetensors", "config.json", "modeling_scratchgpt.py", "configuration_scratchgpt.py",
+                 "tokenizer.json", "generation_config.json", "README.md", "loss.png", "checkpoint-6"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_scratchgpt.ScratchGPTForCausalLM"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: \"transformers\"") and "eval_loss" in card
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer) == 300
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    ids = tokenizer("The for statement", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
+    assert "[step 3]" in capsys.readouterr().out  # the sample printed at evaluation
+
+
+def test_two_processes_both_take_part(corpus_file, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(RECIPE), *tiny_args(corpus_file, out, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0 of world size 2" in result.stdout and "process 1 of world size 2" in result.stdout
+    state = json.loads((out / "trainer_state.json").read_text())
+    # Two processes with 4 windows each: each step consumes 8 windows of 32 tokens.
+    assert state["num_input_tokens_seen"] == 2 * 2 * 4 * 32
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), torch.nn.Module)
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(corpus_file, tmp_path):
+    full = tmp_path / "full"
+    pretrain.main(tiny_args(corpus_file, full))
+    # A run stopped after its first checkpoint leaves exactly this behind: the folder with checkpoint-3.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(full / "checkpoint-3", stopped / "checkpoint-3")
+    pretrain.main(tiny_args(corpus_file, stopped, "--resume_from_checkpoint", "last"))
+    expected, resumed = load_file(full / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_bad_input_is_one_line_before_training(corpus_file, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), "--train_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: --train_file {tmp_path / 'missing.txt'} does not exist"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--context_length", "512", "--max_position_embeddings_typo", "1"], r"unknown option\(s\): --max_position"),
+        (["--per_device_train_batch_size", "4096"], r"windows of 32 tokens, fewer than one batch of 4096"),
+        (["--train_file", "nowhere.txt"], r"--train_file nowhere.txt does not exist"),
+        (["--resume_from_checkpoint", "last"], r"no checkpoint-\* folder in"),
+    ],
+)
+def test_bad_flags_raise_before_training(corpus_file, tmp_path, extra, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        pretrain.main(tiny_args(corpus_file, tmp_path / "out", *extra))
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_corpus_smaller_than_one_window(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("A corpus of a few words only. " * 20)
+    with pytest.raises(ValueError, match=r"has \d+ tokens, fewer than one window needs: 33"):
+        pretrain.main(tiny_args(small, tmp_path / "out"))
+
+
+def test_unknown_config_key_is_named(corpus_file, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  emb_dim: 32\n  n_layerz: 2\ntraining:\n  learning_rate: 1.0e-3\n")
+    with pytest.raises(ValueError, match=r"run.yaml: unknown config key\(s\): model.n_layerz"):
+        pretrain.main(["--config", str(config), *tiny_args(corpus_file, tmp_path / "out")])
+
+
+def test_config_file_values_are_used_and_flags_win(corpus_file, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  n_layers: 3\ntraining:\n  learning_rate: 0.5\n  seed: 7\n")
+    out = tmp_path / "out"
+    pretrain.main(["--config", str(config), *tiny_args(corpus_file, out, "--max_steps", "1", "--seed", "9")])
+    assert json.loads((out / "config.json").read_text())["n_layers"] == 2  # the flag in tiny_args wins
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.learning_rate, args.seed) == (0.5, 9)
+
+
+def test_output_dir_holding_a_model_is_refused(corpus_file, tmp_path):
+    out = tmp_path / "out"
+    pretrain.main(tiny_args(corpus_file, out, "--max_steps", "1"))
+    with pytest.raises(ValueError, match="already holds a model .* --overwrite_output_dir"):
+        pretrain.main(tiny_args(corpus_file, out, "--max_steps", "1"))
+    pretrain.main(tiny_args(corpus_file, out, "--max_steps", "1", "--overwrite_output_dir", "true"))
