@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_scratchgpt.data import default_corpus
 
@@ -68,6 +68,9 @@ def test_a_few_steps_save_a_complete_hub_folder(corpus_file, tmp_path, capsys):
     ids = tokenizer("The for statement", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5
+    generator = pipeline("text-generation", model=str(out))
+    text = generator("The for statement", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text == tokenizer.decode(generated[0])
     assert "[step 3]" in capsys.readouterr().out  # the sample printed at evaluation
 
 
