@@ -106,13 +106,14 @@ def test_generate_with_and_without_cache_equals_a_plain_loop():
     assert torch.equal(without_cache, loop)
 
 
-def test_left_padded_batch_generates_what_each_row_generates_alone():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_generates_what_each_row_generates_alone(use_cache):
     model = make_lm(eos_token_id=None, pad_token_id=0)
     rows = [torch.randint(1, 1000, (n,)) for n in (7, 3, 5)]
     width = max(len(r) for r in rows)
     ids = torch.stack([F.pad(r, (width - len(r), 0), value=0) for r in rows])
     mask = torch.stack([F.pad(torch.ones_like(r), (width - len(r), 0), value=0) for r in rows])
-    batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=use_cache)
     for i, row in enumerate(rows):
         alone = greedy_loop(model, row[None], 12)
         assert torch.equal(batch[i, width:], alone[0, len(row) :]), f"row {i}"

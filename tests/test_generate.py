@@ -1,0 +1,59 @@
+"""Tests of hf_scratchgpt/generate.py: the command line that samples from a saved model."""
+
+import pytest
+import torch
+
+from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
+from hf_scratchgpt.data import default_corpus
+from hf_scratchgpt.generate import main
+from hf_scratchgpt.tokenization import train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = train_bpe_tokenizer(default_corpus()[:5], vocab_size=300)
+    torch.manual_seed(0)
+    config = ScratchGPTConfig.from_preset("tiny", vocab_size=len(tokenizer), eos_token_id=None, bos_token_id=None)
+    ScratchGPTForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
+def test_greedy_generation_streams_the_models_greedy_tokens(saved_model, capsys):
+    folder, tokenizer = saved_model
+    text = main([str(folder), "--prompt", "The for statement", "--max_new_tokens", "8", "--temperature", "0"])
+    model = ScratchGPTForCausalLM.from_pretrained(folder).eval()
+    ids = tokenizer("The for statement", return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert text == tokenizer.decode(expected[0])
+    assert capsys.readouterr().out.strip() == text.strip()  # streamed to the terminal as it came
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(saved_model, capsys):
+    folder, _ = saved_model
+    flags = [str(folder), "--max_new_tokens", "12", "--temperature", "1.5", "--top_k", "0", "--top_p", "1.0"]
+    first, second = main([*flags, "--seed", "3"]), main([*flags, "--seed", "3"])
+    assert first == second
+    assert len({main([*flags, "--seed", str(seed)]) for seed in range(4)}) > 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(saved_model, capsys, flags, message):
+    folder, _ = saved_model
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=f"no model folder {tmp_path / 'nope'}"):
+        main([str(tmp_path / "nope")])

@@ -1,0 +1,77 @@
+"""Tests of hf_scratchgpt/training.py: the sample text, the loss plot, perplexity in the logs, the model card."""
+
+import math
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
+from hf_scratchgpt.data import default_corpus
+from hf_scratchgpt.tokenization import train_bpe_tokenizer
+from hf_scratchgpt.training import ScratchGPTTrainer, generate_sample, plot_losses, write_model_card
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(default_corpus()[:5], vocab_size=300)
+
+
+def tiny_model(tokenizer, **overrides):
+    torch.manual_seed(0)
+    config = ScratchGPTConfig.from_preset("tiny", vocab_size=len(tokenizer), drop_rate=0.0, **overrides)
+    return ScratchGPTForCausalLM(config)
+
+
+def test_generate_sample_is_greedy_and_fits_the_context(tokenizer):
+    model = tiny_model(tokenizer, eos_token_id=None).train()
+    text = generate_sample(model, tokenizer, "The for statement", max_new_tokens=5)
+    assert model.training  # put back as it was
+    ids = tokenizer("The for statement", return_tensors="pt").input_ids
+    assert text == tokenizer.decode(model.eval().generate(ids, max_new_tokens=5, do_sample=False)[0])
+    long_prompt = "word " * 200  # more tokens than the context of 64
+    out_ids = tokenizer(generate_sample(model, tokenizer, long_prompt, max_new_tokens=10)).input_ids
+    assert len(out_ids) <= model.config.context_length
+
+
+def test_plot_losses_draws_a_png_and_needs_losses(tmp_path):
+    history = [
+        {"loss": 5.0, "num_input_tokens_seen": 100, "step": 1},
+        {"loss": 4.0, "num_input_tokens_seen": 200, "step": 2},
+        {"eval_loss": 4.5, "num_input_tokens_seen": 200, "step": 2},
+    ]
+    path = plot_losses(history, tmp_path / "plots" / "loss.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_losses([{"learning_rate": 0.1, "step": 1}], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_trainer_logs_perplexity_and_writes_a_hub_model_card(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    windows = Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5, 6, 7, 8]] * 4, "labels": [[1, 2, 3, 4, 5, 6, 7, 8]] * 4})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, use_cpu=True,
+                             report_to="none", prediction_loss_only=True, disable_tqdm=True)
+    trainer = ScratchGPTTrainer(model=model, args=args, train_dataset=windows, eval_dataset=windows,
+                                log_perplexity=True, card=dict(datasets=["me/corpus"], tags=["test"]))
+    trainer.train()
+    metrics = trainer.evaluate()
+    logged = [entry for entry in trainer.state.log_history if "eval_loss" in entry][-1]
+    assert logged["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == "transformers" and header["pipeline_tag"] == "text-generation"
+    assert header["datasets"] == ["me/corpus"] and "test" in header["tags"] and header["license"]
+    assert "trust_remote_code=True" in card and f"| eval_loss | {metrics['eval_loss']:.4g} |" in card
+
+
+def test_model_card_lists_the_setup(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, use_cpu=True, report_to="none")
+    path = write_model_card(tmp_path, model, args, [{"eval_loss": 2.5}], description="A test model.")
+    card = path.read_text()
+    assert "A test model." in card and "| layers / heads / width / context | 2 / 4 / 32 / 64 |" in card
+    assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in card
