@@ -281,3 +281,23 @@ def test_chunked_training_loss_equals_the_plain_loss_and_gradients(chunk_size):
     torch.testing.assert_close(chunked.loss, plain.loss)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, msg=name)
+
+
+def test_decode_linear_splits_over_threads_with_the_same_result():
+    from hf_scratchgpt.modeling_scratchgpt import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(256, 5001)  # odd: two blocks of 2,500 outputs and one more; 1.3M weights, above the threshold
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape in [(1, 256), (3, 1, 256), (16, 256)]:
+            x = torch.randn(shape)
+            with torch.no_grad():
+                out = layer(x)
+            assert out.shape == (*shape[:-1], 5001)
+            torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        x = torch.randn(2, 256, requires_grad=True)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # training takes F.linear itself
+    finally:
+        torch.set_num_threads(threads)
