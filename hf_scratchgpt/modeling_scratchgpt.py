@@ -38,13 +38,16 @@ class Linear(nn.Linear):
     Generating a token multiplies each weight matrix by one vector per sequence. On a CPU that product is bound by
     memory bandwidth, and MKL runs it on a single core. For large matrices and a few rows, this splits the output
     features into one block per thread and multiplies the blocks with one `bmm`, which runs them on all cores
-    (about 2x faster for GPT-2's output head on 2 cores). Training, GPUs and small matrices take `F.linear`.
+    (about 2x faster for GPT-2's output head on 2 cores). Training, GPUs, `torch.compile` and small matrices
+    take `F.linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
         parts = torch.get_num_threads()
         rows = x.numel() // x.shape[-1]
-        if parts < 2 or rows > 16 or self.weight.numel() < 2**20 or x.device.type != "cpu" or torch.is_grad_enabled():
+        if parts < 2 or rows > 16 or self.weight.numel() < 2**20:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)  # (rows, in)
         split = self.out_features - self.out_features % parts  # GPT-2's 50,257 outputs: 2 x 25,128 and 1 more

@@ -301,3 +301,13 @@ def test_decode_linear_splits_over_threads_with_the_same_result():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # training takes F.linear itself
     finally:
         torch.set_num_threads(threads)
+
+
+def test_torch_compile_sees_no_graph_break_in_training_or_inference():
+    model = make_lm(attn_implementation="sdpa").train()
+    ids = torch.randint(0, 1000, (2, 16))
+    assert torch._dynamo.explain(model.model.trf_blocks[0])(torch.randn(2, 16, 32)).graph_break_count == 0
+    assert torch._dynamo.explain(model)(ids, labels=ids).graph_break_count == 0
+    model.eval()
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(ids).graph_break_count == 0
