@@ -40,6 +40,9 @@ class ScratchGPTConfig(PreTrainedConfig):
         qkv_bias: a bias on the query/key/value projection (False in the book's from-scratch model, True in GPT-2).
         layer_norm_eps: added to the variance in LayerNorm (GPT-2 and the book: 1e-5).
         initializer_range: standard deviation of the normal initialisation (GPT-2: 0.02).
+        init_scheme: "gpt2" initialises as GPT-2 (normal with `initializer_range`, residual projections scaled by
+            1/sqrt(2 n_layers)); "book" as the book's plain PyTorch model (N(0, 1) embeddings, PyTorch's uniform
+            linear layers), which memorises a small corpus such as "The Verdict" much faster at batch 2.
         loss_chunk_size: in training with labels, the loss computes the (tokens x vocab) logits this many rows at
             a time and returns none (see `ChunkedLinearCrossEntropy`); 0 computes and returns all of them.
         tie_word_embeddings: share one matrix between token embedding and output head, as GPT-2 does
@@ -63,6 +66,7 @@ class ScratchGPTConfig(PreTrainedConfig):
     qkv_bias: bool = False  # the book trains without; GPT-2's checkpoints have one
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    init_scheme: str = "gpt2"  # "gpt2": N(0, initializer_range); "book": PyTorch's defaults, as the book's model
     use_cache: bool = True
     loss_chunk_size: int = 1024  # rows of logits made at a time by the training loss; 0: all at once, returned
     tie_word_embeddings: bool = True
@@ -83,6 +87,8 @@ class ScratchGPTConfig(PreTrainedConfig):
             raise ValueError(
                 f"ScratchGPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
+        if self.init_scheme not in ("gpt2", "book"):
+            raise ValueError(f"ScratchGPTConfig.init_scheme must be 'gpt2' or 'book', got {self.init_scheme!r}")
         if self.loss_chunk_size < 0:
             raise ValueError(f"ScratchGPTConfig.loss_chunk_size must be >= 0, got {self.loss_chunk_size!r}")
         if not 0.0 <= self.drop_rate < 1.0:

@@ -60,21 +60,16 @@ class Linear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(nn.LayerNorm):
     """Layer normalisation (chapter 4.2): `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim.
 
-    The variance is the biased one (`unbiased=False`), as in the book and GPT-2. `F.layer_norm` computes
-    exactly this in one fused kernel. `weight` and `bias` are the book's `scale` and `shift`.
+    The variance is the biased one (`unbiased=False`), as in the book and GPT-2. `nn.LayerNorm` computes exactly
+    this in one fused kernel, and tools know it for what it is (Trainer does not decay its weights).
+    `weight` and `bias` are the book's `scale` and `shift`.
     """
 
     def __init__(self, emb_dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(emb_dim))
-        self.bias = nn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        super().__init__(emb_dim, eps=eps)
 
 
 class GELU(nn.Module):
@@ -219,8 +214,22 @@ class ScratchGPTPreTrainedModel(PreTrainedModel):
             raise OSError(f"{_broken_safetensors(pretrained_model_name_or_path)} cannot be read: {err}") from None
 
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2's initialisation: N(0, 0.02) for weights, zero biases, unit LayerNorms (done by the base class),
-        and the residual projections scaled down by 1/sqrt(2 * n_layers), one factor per residual branch."""
+        """`config.init_scheme="gpt2"`: GPT-2's initialisation, N(0, 0.02) weights, zero biases, unit LayerNorms (the
+        base class), and the residual projections scaled down by 1/sqrt(2 * n_layers), one factor per branch.
+        `"book"`: PyTorch's defaults, as the book's `GPTModel` gets them: N(0, 1) embeddings, linear layers
+        uniform in +-1/sqrt(fan_in) (weights by `kaiming_uniform_(a=sqrt(5))`)."""
+        if self.config.init_scheme == "book":
+            if isinstance(module, nn.Linear):
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                if module.bias is not None:
+                    bound = 1 / math.sqrt(module.in_features)
+                    init.uniform_(module.bias, -bound, bound)
+            elif isinstance(module, nn.Embedding):
+                init.normal_(module.weight, mean=0.0, std=1.0)
+            elif isinstance(module, nn.LayerNorm):
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         std = self.config.initializer_range / math.sqrt(2 * self.config.n_layers)
         if isinstance(module, MultiHeadAttention):

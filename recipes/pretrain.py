@@ -44,6 +44,7 @@ class ModelArguments:
     drop_rate: float | None = field(default=None, metadata={"help": "Dropout rate."})
     qkv_bias: bool | None = field(default=None, metadata={"help": "Bias on the query/key/value projection."})
     tie_word_embeddings: bool | None = field(default=None, metadata={"help": "Share embedding and output head."})
+    init_scheme: str | None = field(default=None, metadata={"help": "gpt2 (GPT-2's init) or book (PyTorch's)."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager (the book's math) or sdpa."})
 
 
@@ -199,7 +200,10 @@ def build_model(model_args: ModelArguments, tokenizer) -> ScratchGPTForCausalLM:
         )
     overrides = {
         name: getattr(model_args, name)
-        for name in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_word_embeddings")
+        for name in (
+            "context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_word_embeddings",
+            "init_scheme",
+        )
         if getattr(model_args, name) is not None
     }
     overrides.update(

@@ -311,3 +311,18 @@ def test_torch_compile_sees_no_graph_break_in_training_or_inference():
     model.eval()
     with torch.no_grad():
         assert torch._dynamo.explain(model)(ids).graph_break_count == 0
+
+
+def test_book_init_scheme_is_pytorchs_default_and_survives_loading(tmp_path):
+    model = make_lm(init_scheme="book", tie_word_embeddings=False)
+    fc1 = model.model.trf_blocks[0].ff.fc1
+    bound = 1 / fc1.in_features**0.5
+    assert fc1.weight.abs().max() <= bound and fc1.weight.abs().max() > 0.9 * bound  # uniform in +-1/sqrt(fan_in)
+    assert 0.9 < model.model.tok_emb.weight.std() < 1.1  # N(0, 1) embeddings, as nn.Embedding's default
+    assert make_lm().model.tok_emb.weight.std() < 0.03  # GPT-2's N(0, 0.02)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # the loaded weights, not a new initialisation
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="ScratchGPTConfig.init_scheme"):
+        tiny(init_scheme="xavier")

@@ -75,3 +75,12 @@ def test_model_card_lists_the_setup(tokenizer, tmp_path):
     card = path.read_text()
     assert "A test model." in card and "| layers / heads / width / context | 2 / 4 / 32 / 64 |" in card
     assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in card
+
+
+def test_trainer_decays_matrices_but_not_biases_or_layer_norms(tokenizer, tmp_path):
+    model = tiny_model(tokenizer, qkv_bias=True)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", weight_decay=0.1)
+    decayed = set(ScratchGPTTrainer(model=model, args=args).get_decay_parameter_names(model))
+    names = {name for name, _ in model.named_parameters()}
+    assert {n for n in names if "norm" in n or n.endswith("bias")}.isdisjoint(decayed)
+    assert "model.trf_blocks.0.att.qkv.weight" in decayed and "model.tok_emb.weight" in decayed
