@@ -90,6 +90,19 @@ def test_two_processes_both_take_part(corpus_file, tmp_path):
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), torch.nn.Module)
 
 
+def test_runs_under_accelerate_launch(corpus_file, tmp_path):
+    out = tmp_path / "accelerate"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no",
+         str(RECIPE), *tiny_args(corpus_file, out, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0 of world size 1" in result.stdout
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(corpus_file, tmp_path):
     full = tmp_path / "full"
     pretrain.main(tiny_args(corpus_file, full))
