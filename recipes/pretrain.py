@@ -195,9 +195,15 @@ def build_tokenizer(data_args: DataArguments, train_texts, output_dir: str, is_m
 
 def build_model(model_args: ModelArguments, tokenizer) -> ScratchGPTForCausalLM:
     if model_args.model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
         )
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens, more than the vocabulary of {model_args.model_name_or_path} "
+                f"({model.config.vocab_size}): use the model's own tokenizer with --tokenizer"
+            )
+        return model
     overrides = {
         name: getattr(model_args, name)
         for name in (

@@ -148,6 +148,14 @@ def test_corpus_smaller_than_one_window(tmp_path):
         pretrain.main(tiny_args(small, tmp_path / "out"))
 
 
+def test_continuing_a_model_with_a_bigger_tokenizer_is_refused(corpus_file, tmp_path):
+    small = tmp_path / "small-vocab"
+    pretrain.main(tiny_args(corpus_file, small, "--max_steps", "1"))
+    with pytest.raises(ValueError, match=r"the tokenizer has 400 tokens, more than the vocabulary .* \(300\)"):
+        pretrain.main(tiny_args(corpus_file, tmp_path / "out", "--model_name_or_path", str(small),
+                                "--vocab_size", "400"))
+
+
 def test_unknown_config_key_is_named(corpus_file, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  emb_dim: 32\n  n_layerz: 2\ntraining:\n  learning_rate: 1.0e-3\n")
