@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 
@@ -70,7 +71,9 @@ def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
 def run_recipe(main: Callable[[], object]) -> None:
     """Run a recipe's `main`; bad input (ValueError, FileNotFoundError) becomes one line and exit status 2.
 
-    Set `HF_SCRATCHGPT_TRACEBACK=1` to see the whole traceback instead.
+    Set `HF_SCRATCHGPT_TRACEBACK=1` to see the whole traceback instead. Under `torchrun` or `accelerate launch`
+    the process group is destroyed before the interpreter exits: gloo's worker threads otherwise can abort the
+    process (SIGABRT, "terminate called without an active exception") after a run that succeeded.
     """
     try:
         main()
@@ -79,6 +82,9 @@ def run_recipe(main: Callable[[], object]) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 __all__ = ["parse_recipe_args", "read_config", "run_recipe"]

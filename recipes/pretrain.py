@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         argv,
         default_config=DEFAULT_CONFIG,
         # On a machine with no accelerator, this also makes several processes one DDP group over gloo.
-        defaults=dict(use_cpu=not torch.accelerator.is_available()),
+        defaults=dict(use_cpu=not torch.accelerator.is_available(), ddp_find_unused_parameters=False),
     )
     rank, world = training_args.process_index, training_args.world_size
     print(f"pretrain: process {rank} of world size {world}")

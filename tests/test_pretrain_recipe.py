@@ -78,7 +78,7 @@ def test_two_processes_both_take_part(corpus_file, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(RECIPE), *tiny_args(corpus_file, out, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2")],
         capture_output=True, text=True, env=env, timeout=600,
     )
