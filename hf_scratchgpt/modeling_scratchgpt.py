@@ -1,7 +1,7 @@
 """Stages 3 and 4, attention and the GPT architecture: ScratchGPT as a transformers model.
 
 Read top to bottom in the order of the book: LayerNorm and GELU, the feed-forward network, causal multi-head
-attention (chapter 3), the transformer block, the GPT model (chapter 4), then the heads for language modelling
+attention (chapter 3) and its KV cache, the transformer block, the GPT model (chapter 4), then the heads for language modelling
 (chapter 5) and classification (chapter 6).
 
 This file is copied next to the weights by `save_pretrained`, so that anyone can load a saved model with
@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -43,11 +43,15 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        parts = torch.get_num_threads()
         rows = x.numel() // x.shape[-1]
-        if parts < 2 or rows > 16 or self.weight.numel() < 2**20:
+        if (
+            rows > 16
+            or self.weight.numel() < 2**20
+            or torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or torch.compiler.is_compiling()
+            or (parts := torch.get_num_threads()) < 2
+        ):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)  # (rows, in)
         split = self.out_features - self.out_features % parts  # GPT-2's 50,257 outputs: 2 x 25,128 and 1 more
@@ -167,6 +171,61 @@ class MultiHeadAttention(nn.Module):
         )
         out = out.reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
         return self.out_proj(out), weights
+
+
+class KVCacheLayer(DynamicLayer):
+    """The keys and values one block has seen (the book's KV cache), appended in place.
+
+    transformers' `DynamicLayer` concatenates each new token's keys and values to all the earlier ones, so every
+    decoding step copies the whole cache. This layer writes them into storage that doubles when full, so a step
+    copies only what is new; `keys` and `values` are views of the filled part. Under autograd it concatenates like
+    its parent (a later in-place write would invalidate the views a backward pass still needs).
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_store = self.value_store = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            return super().update(key_states, value_states)
+        past = self.get_seq_length()
+        total = past + key_states.shape[-2]
+        if not self._store_holds(key_states, total):  # first call, full, or keys replaced (beam search reorders)
+            self.key_store = self._grow(self.keys, key_states, past, 2 * total)
+            self.value_store = self._grow(self.values, value_states, past, 2 * total)
+        self.key_store.narrow(-2, past, total - past).copy_(key_states)
+        self.value_store.narrow(-2, past, total - past).copy_(value_states)
+        self.keys, self.values = self.key_store.narrow(-2, 0, total), self.value_store.narrow(-2, 0, total)
+        return self.keys, self.values
+
+    def _store_holds(self, key_states: torch.Tensor, total: int) -> bool:
+        store = self.key_store
+        return (
+            store is not None
+            and self.keys._base is store  # `crop` keeps the view; reordering or selecting rows replaces it
+            and self.values._base is self.value_store
+            and store.shape[:2] == key_states.shape[:2]
+            and store.dtype == key_states.dtype
+            and total <= store.shape[-2]
+        )
+
+    @staticmethod
+    def _grow(past_states: torch.Tensor, new_states: torch.Tensor, past: int, capacity: int) -> torch.Tensor:
+        batch, heads, _, head_dim = new_states.shape
+        store = new_states.new_empty(batch, heads, capacity, head_dim)
+        if past:
+            store[..., :past, :] = past_states
+        return store
+
+
+class KVCache(DynamicCache):
+    """A `DynamicCache` of `KVCacheLayer`s: what ScratchGPT decodes with, in `generate()` and in a plain forward."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=KVCacheLayer)
 
 
 class ScratchGPTBlock(GradientCheckpointingLayer):
@@ -293,7 +352,7 @@ class ScratchGPTModel(ScratchGPTPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.tok_emb(input_ids)  # (B, T, C)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = KVCache()
 
         past_len = cache.get_seq_length() if cache is not None else 0
         seq_len = inputs_embeds.shape[1]
@@ -410,6 +469,14 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate()` decodes with a `KVCache` where transformers would build a plain `DynamicCache`."""
+        users_cache = model_kwargs.get("cache")
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if users_cache is None and type(cache) is DynamicCache and not cache.offloading:
+            model_kwargs["cache"] = KVCache()
 
     @can_return_tuple
     def forward(
