@@ -1,8 +1,8 @@
 """Stages 3 and 4, attention and the GPT architecture: ScratchGPT as a transformers model.
 
 Read top to bottom in the order of the book: LayerNorm and GELU, the feed-forward network, causal multi-head
-attention (chapter 3) and its KV cache, the transformer block, the GPT model (chapter 4), then the heads for language modelling
-(chapter 5) and classification (chapter 6).
+attention (chapter 3) and its KV cache, the transformer block, the GPT model (chapter 4), then the heads for
+language modelling (chapter 5) and classification (chapter 6).
 
 This file is copied next to the weights by `save_pretrained`, so that anyone can load a saved model with
 `trust_remote_code=True`: it imports only torch, transformers and its siblings in this folder.
