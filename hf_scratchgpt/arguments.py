@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
 
 
 def parse_recipe_args(
@@ -87,4 +88,30 @@ def run_recipe(main: Callable[[], object]) -> None:
             torch.distributed.destroy_process_group()
 
 
-__all__ = ["parse_recipe_args", "read_config", "run_recipe"]
+def check_output_dir(training_args, overwrite: bool) -> None:
+    """Refuse to write over a model already saved in output_dir, unless resuming or told to."""
+    output_dir = Path(training_args.output_dir)
+    if training_args.resume_from_checkpoint or overwrite or not (output_dir / "config.json").exists():
+        return
+    raise ValueError(
+        f"output_dir {output_dir} already holds a model (config.json): pass --overwrite_output_dir to replace it, "
+        "--resume_from_checkpoint to continue its run, or choose another --output_dir"
+    )
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """`--resume_from_checkpoint` as a folder: a path as given, or `last` (also `true`) for output_dir's newest."""
+    wanted = training_args.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if str(wanted).lower() in ("last", "latest", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {wanted}: no checkpoint-* folder in {training_args.output_dir}")
+        return last
+    if not os.path.isdir(wanted):
+        raise FileNotFoundError(f"--resume_from_checkpoint {wanted} is not a folder")
+    return wanted
+
+
+__all__ = ["check_output_dir", "parse_recipe_args", "read_config", "resolve_checkpoint", "run_recipe"]

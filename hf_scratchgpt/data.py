@@ -58,6 +58,7 @@ __all__ = [
     "split_corpus",
     "load_sms_spam",
     "sms_spam_splits",
+    "classification_features",
     "load_instruction_data",
     "instruction_splits",
     "format_instruction",
@@ -412,6 +413,38 @@ def sms_spam_splits(
         validation=dataset.select(balanced[train_end:validation_end]),
         test=dataset.select(balanced[validation_end:]),
     )
+
+
+def classification_features(
+    splits: DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int | None = None,
+    context_length: int | None = None,
+    text_column: str = "text",
+) -> DatasetDict:
+    """Each split's texts as `input_ids` cut to `max_length` tokens, beside their `label`.
+
+    As the book's `SpamDataset`: with no `max_length`, the longest training text sets it (at most the model's
+    `context_length`), and longer texts are cut to it. The book then pads every text to that length; here a
+    collator pads each batch to its longest text and the model reads the last real token, which gives the same
+    logits with less padding.
+    """
+    if max_length is not None and context_length is not None and max_length > context_length:
+        raise ValueError(f"max_length {max_length} is longer than the model's context_length of {context_length}")
+    tokenized = DatasetDict(
+        {name: tokenize_dataset(split, tokenizer, text_column=text_column) for name, split in splits.items()}
+    )
+    for name, split in tokenized.items():
+        empty = [i for i, ids in enumerate(split["input_ids"]) if not ids]
+        if empty:
+            raise ValueError(f"{name} split, row {empty[0]}: a text with no tokens cannot be classified")
+    if max_length is None:
+        max_length = max(len(ids) for ids in tokenized["train"]["input_ids"])
+        max_length = min(max_length, context_length or max_length)
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    return tokenized.map(lambda batch: {"input_ids": [ids[:max_length] for ids in batch["input_ids"]]}, batched=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -144,8 +144,9 @@ def write_model_card(
         metadata["base_model"] = base_model
     final = {}
     for entry in log_history:  # the last value of each metric
-        final.update({k: v for k, v in entry.items() if k.startswith(("eval_", "train_")) or k == "loss"})
+        final.update({k: v for k, v in entry.items() if k.startswith(("eval_", "train_", "test_")) or k == "loss"})
     n_params = sum(p.numel() for p in model.parameters())
+    auto_class = "AutoModelForSequenceClassification" if pipeline_tag == "text-classification" else "AutoModelForCausalLM"
     setup = {
         "parameters": f"{n_params:,}",
         "layers / heads / width / context": f"{config.n_layers} / {config.n_heads} / {config.emb_dim} / "
@@ -167,9 +168,9 @@ def write_model_card(
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"from transformers import {auto_class}, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{args.hub_model_id or output_dir}", trust_remote_code=True)',
+        f'model = {auto_class}.from_pretrained("{args.hub_model_id or output_dir}", trust_remote_code=True)',
         f'tokenizer = AutoTokenizer.from_pretrained("{args.hub_model_id or output_dir}")',
         "```",
         "",

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.integrations import is_tensorboard_available
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
-from hf_scratchgpt.arguments import parse_recipe_args, run_recipe
+from hf_scratchgpt.arguments import check_output_dir, parse_recipe_args, resolve_checkpoint, run_recipe
 from hf_scratchgpt.data import default_corpus, load_text_dataset, pretraining_windows, split_corpus
 from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
 from hf_scratchgpt.training import LossPlotCallback, SampleGenerationCallback, ScratchGPTTrainer, generate_sample
@@ -131,32 +130,6 @@ def main(argv=None) -> dict:
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return metrics
-
-
-def check_output_dir(training_args: TrainingArguments, overwrite: bool) -> None:
-    """Refuse to write over a model already saved in output_dir, unless resuming or told to."""
-    output_dir = Path(training_args.output_dir)
-    if training_args.resume_from_checkpoint or overwrite or not (output_dir / "config.json").exists():
-        return
-    raise ValueError(
-        f"output_dir {output_dir} already holds a model (config.json): pass --overwrite_output_dir to replace it, "
-        "--resume_from_checkpoint to continue its run, or choose another --output_dir"
-    )
-
-
-def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint` as a folder: a path as given, or `last` (also `true`) for output_dir's newest."""
-    wanted = training_args.resume_from_checkpoint
-    if wanted is None:
-        return None
-    if str(wanted).lower() in ("last", "latest", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint {wanted}: no checkpoint-* folder in {training_args.output_dir}")
-        return last
-    if not os.path.isdir(wanted):
-        raise FileNotFoundError(f"--resume_from_checkpoint {wanted} is not a folder")
-    return wanted
 
 
 def load_corpus(data_args: DataArguments):

@@ -1,0 +1,140 @@
+"""Stages 7 and 8, fine-tuning (the book's chapters 6 and 7, appendix E): the starting weights and what trains.
+
+Both fine-tuning recipes (`recipes/classify.py`, `recipes/instruct.py`) start from a pretrained model: a saved
+ScratchGPT (a folder or Hub id, such as the output of `recipes/pretrain.py`) or a transformers GPT-2 checkpoint
+(a folder, or a Hub id such as `openai-community/gpt2`), converted on load. Then they choose what trains:
+
+- `last_block`: the last transformer block, the final LayerNorm and the task's new head (the book's chapter 6);
+- `all`: every weight (the book's chapter 7);
+- `lora`: low-rank adapters on every Linear of the blocks, through peft, with the rest frozen and the new head
+  trained whole (appendix E). The recipe merges the adapters into the weights when it saves, so the saved folder
+  is an ordinary ScratchGPT.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+from .modeling_scratchgpt import (
+    ScratchGPTForCausalLM,
+    ScratchGPTForSequenceClassification,
+    ScratchGPTPreTrainedModel,
+)
+from .tokenization import gpt2_tokenizer_from_dir
+
+
+TRAINABLE = ("last_block", "all", "lora")
+LORA_TARGETS = ["qkv", "out_proj", "fc1", "fc2"]  # every Linear of every block: attention and feed-forward
+
+
+@dataclass
+class FinetuningArguments:
+    """The model side of a fine-tuning recipe: where the weights come from and which of them train."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained weights: a ScratchGPT or GPT-2 folder, or a Hub id (openai-community/gpt2)."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder (GPT-2's encoder.json + vocab.bpe, or a saved one) or Hub id; "
+                  "default: the model's."},
+    )
+    trainable: str = field(
+        default="last_block", metadata={"help": "What trains: last_block (chapter 6), all (chapter 7), or lora."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (appendix E: 16)."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scale alpha; the update is alpha / r * B A."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager (the book's math) or sdpa."})
+
+    def __post_init__(self):
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"--trainable {self.trainable!r}: expected one of {', '.join(TRAINABLE)}")
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be at least 1, got {self.lora_r}")
+
+
+def load_pretrained(
+    model_class: type[ScratchGPTPreTrainedModel], name_or_path: str | None, **config_overrides
+) -> ScratchGPTPreTrainedModel:
+    """`model_class` with the weights of a ScratchGPT or GPT-2 checkpoint; `config_overrides` (e.g. `num_labels`,
+    `attn_implementation`) go to its config. A head the checkpoint lacks (a classifier's) starts new."""
+    if not name_or_path:
+        raise ValueError("fine-tuning starts from pretrained weights: pass --model_name_or_path")
+    if str(name_or_path).startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"--model_name_or_path {name_or_path}: no such folder")
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    if model_type == "scratchgpt":
+        return model_class.from_pretrained(name_or_path, **config_overrides)
+    if model_type != "gpt2":
+        raise ValueError(f"--model_name_or_path {name_or_path} is a {model_type!r} model; expected ScratchGPT or GPT-2")
+    converted = ScratchGPTForCausalLM.from_gpt2(name_or_path)
+    attn_implementation = config_overrides.pop("attn_implementation", None)
+    converted.config.update(config_overrides)
+    if model_class is ScratchGPTForCausalLM:
+        model = converted
+    else:
+        model = model_class(converted.config)
+        model.model.load_state_dict(converted.model.state_dict())
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def load_tokenizer(args: FinetuningArguments) -> PreTrainedTokenizerBase:
+    """The tokenizer named by `--tokenizer`, else the model's; with `<|endoftext|>` as padding if it had none."""
+    tokenizer = gpt2_tokenizer_from_dir(args.tokenizer or args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model: ScratchGPTPreTrainedModel, where: str) -> None:
+    """A tokenizer must not make ids the model has no embedding for."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the vocabulary of {where} "
+            f"({model.config.vocab_size}): use the model's own tokenizer (leave out --tokenizer)"
+        )
+
+
+def select_trainable(model: ScratchGPTPreTrainedModel, args: FinetuningArguments):
+    """Freeze what `args.trainable` leaves out; for `lora`, the model wrapped by peft with its adapters."""
+    head = "score" if isinstance(model, ScratchGPTForSequenceClassification) else None
+    if args.trainable == "all":
+        return model
+    if args.trainable == "last_block":
+        model.requires_grad_(False)
+        for module in (model.model.trf_blocks[-1], model.model.final_norm, head and getattr(model, head)):
+            if module is not None:
+                module.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=LORA_TARGETS,
+        modules_to_save=[head] if head else None,  # a new head trains whole, and is saved with the adapters
+    )
+    return get_peft_model(model, lora)
+
+
+def trainable_summary(model) -> str:
+    """'trainable: 7,098,626 of 124,441,346 parameters (5.70%)'."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable: {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"
+
+
+__all__ = [
+    "FinetuningArguments",
+    "check_vocabulary",
+    "load_pretrained",
+    "load_tokenizer",
+    "select_trainable",
+    "trainable_summary",
+]
