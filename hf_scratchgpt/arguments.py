@@ -70,7 +70,7 @@ def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
 
 
 def run_recipe(main: Callable[[], object]) -> None:
-    """Run a recipe's `main`; bad input (ValueError, FileNotFoundError) becomes one line and exit status 2.
+    """Run a recipe's `main`; bad input (ValueError, OSError) becomes one line and exit status 2.
 
     Set `HF_SCRATCHGPT_TRACEBACK=1` to see the whole traceback instead. Under `torchrun` or `accelerate launch`
     the process group is destroyed before the interpreter exits: gloo's worker threads otherwise can abort the
@@ -78,14 +78,21 @@ def run_recipe(main: Callable[[], object]) -> None:
     """
     try:
         main()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: files, and models or tokenizers the Hub cannot give
         if os.environ.get("HF_SCRATCHGPT_TRACEBACK") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
         sys.exit(2)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def check_local_path(flag: str, value: str) -> None:
+    """A value written as a path (./, /, ~, ../) must exist; anything else may be a Hub id."""
+    if str(value).startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(value)):
+        raise FileNotFoundError(f"{flag} {value}: no such file or folder")
 
 
 def check_output_dir(training_args, overwrite: bool) -> None:
@@ -114,4 +121,4 @@ def resolve_checkpoint(training_args) -> str | None:
     return wanted
 
 
-__all__ = ["check_output_dir", "parse_recipe_args", "read_config", "resolve_checkpoint", "run_recipe"]
+__all__ = ["check_local_path", "check_output_dir", "parse_recipe_args", "read_config", "resolve_checkpoint", "run_recipe"]

@@ -11,11 +11,11 @@ ScratchGPT (a folder or Hub id, such as the output of `recipes/pretrain.py`) or 
   is an ordinary ScratchGPT.
 """
 
-import os
 from dataclasses import dataclass, field
 
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from .arguments import check_local_path
 from .modeling_scratchgpt import (
     ScratchGPTForCausalLM,
     ScratchGPTForSequenceClassification,
@@ -63,8 +63,7 @@ def load_pretrained(
     `attn_implementation`) go to its config. A head the checkpoint lacks (a classifier's) starts new."""
     if not name_or_path:
         raise ValueError("fine-tuning starts from pretrained weights: pass --model_name_or_path")
-    if str(name_or_path).startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"--model_name_or_path {name_or_path}: no such folder")
+    check_local_path("--model_name_or_path", name_or_path)
     model_type = AutoConfig.from_pretrained(name_or_path).model_type
     if model_type == "scratchgpt":
         return model_class.from_pretrained(name_or_path, **config_overrides)

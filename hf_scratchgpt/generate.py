@@ -38,7 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> None:
+    """The `scratchgpt-generate` command: exit status 0 after streaming the text (a console script exits with
+    whatever `main` returns, so it returns nothing)."""
+    generate_text(argv)
+
+
+def generate_text(argv=None) -> str:
+    """Parse `argv`, load the model, stream its continuation of the prompt and return the whole text."""
     args = parse_args(argv)
     import hf_scratchgpt  # noqa: F401  registers ScratchGPT with the Auto classes
 

@@ -252,6 +252,15 @@ class ScratchGPTBlock(GradientCheckpointingLayer):
         return hidden_states
 
 
+# The classes of this file (and its config) that `trust_remote_code` loading finds through a saved config.
+AUTO_MAP = {
+    "AutoConfig": "configuration_scratchgpt.ScratchGPTConfig",
+    "AutoModel": "modeling_scratchgpt.ScratchGPTModel",
+    "AutoModelForCausalLM": "modeling_scratchgpt.ScratchGPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_scratchgpt.ScratchGPTForSequenceClassification",
+}
+
+
 class ScratchGPTPreTrainedModel(PreTrainedModel):
     config: ScratchGPTConfig
     config_class = ScratchGPTConfig
@@ -271,6 +280,12 @@ class ScratchGPTPreTrainedModel(PreTrainedModel):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as err:
             raise OSError(f"{_broken_safetensors(pretrained_model_name_or_path)} cannot be read: {err}") from None
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' saving, with every Auto class in `auto_map`: a language model saved here also loads as a
+        classifier (the book's chapter 6 start) or a bare model with `trust_remote_code`, not only as itself."""
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """`config.init_scheme="gpt2"`: GPT-2's initialisation, N(0, 0.02) weights, zero biases, unit LayerNorms (the
@@ -553,7 +568,7 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
 
         gpt2_config = config_to_gpt2(self.config)
         gpt2 = GPT2LMHeadModel(gpt2_config).to(self.dtype)
-        gpt2.load_state_dict(state_dict_to_gpt2(self.state_dict(), self.config), strict=False)
+        gpt2.load_state_dict(state_dict_to_gpt2(self.state_dict(), self.config))  # strict: every weight
         return gpt2.to(self.device).eval()
 
     @classmethod

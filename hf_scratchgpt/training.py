@@ -17,7 +17,10 @@ from transformers import Trainer, TrainerCallback
 
 
 class SampleGenerationCallback(TrainerCallback):
-    """Print a greedy continuation of `prompt` after each evaluation (the book's `generate_and_print_sample`)."""
+    """Print a greedy continuation of `prompt` after each evaluation (the book's `generate_and_print_sample`).
+
+    Every process generates (a model sharded by FSDP needs all of them for a forward pass); the first prints.
+    """
 
     def __init__(self, tokenizer, prompt: str = "Every effort moves you", max_new_tokens: int = 50):
         self.tokenizer = tokenizer
@@ -25,8 +28,10 @@ class SampleGenerationCallback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and model is not None:
-            text = generate_sample(model, self.tokenizer, self.prompt, self.max_new_tokens)
+        if model is None:
+            return
+        text = generate_sample(model, self.tokenizer, self.prompt, self.max_new_tokens)
+        if state.is_world_process_zero:
             print(f"\n[step {state.global_step}] {text!r}")
 
 

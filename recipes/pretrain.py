@@ -16,11 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, TrainingArguments
 from transformers.integrations import is_tensorboard_available
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
-from hf_scratchgpt.arguments import check_output_dir, parse_recipe_args, resolve_checkpoint, run_recipe
+from hf_scratchgpt.arguments import (
+    check_local_path,
+    check_output_dir,
+    parse_recipe_args,
+    resolve_checkpoint,
+    run_recipe,
+)
 from hf_scratchgpt.data import default_corpus, load_text_dataset, pretraining_windows, split_corpus
 from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
 from hf_scratchgpt.training import LossPlotCallback, SampleGenerationCallback, ScratchGPTTrainer, generate_sample
@@ -83,6 +89,9 @@ def main(argv=None) -> dict:
     print(f"pretrain: process {rank} of world size {world}")
     check_output_dir(training_args, data_args.overwrite_output_dir)
     checkpoint = resolve_checkpoint(training_args)
+    if model_args.model_name_or_path:  # a model that cannot be found fails here, before any work
+        check_local_path("--model_name_or_path", model_args.model_name_or_path)
+        AutoConfig.from_pretrained(model_args.model_name_or_path)
     if data_args.tensorboard and training_args.report_to in ([], ["none"], "none") and is_tensorboard_available():
         training_args.report_to = ["tensorboard"]
 
@@ -123,9 +132,10 @@ def main(argv=None) -> dict:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
+    sample = generate_sample(model, tokenizer, data_args.sample_prompt, data_args.sample_max_new_tokens)  # all ranks
     if trainer.is_world_process_zero():
         trainer.create_model_card()
-        print(f"\nsample: {generate_sample(model, tokenizer, data_args.sample_prompt, data_args.sample_max_new_tokens)!r}")
+        print(f"\nsample: {sample!r}")
         print(f"saved to {training_args.output_dir} (loss plot: {Path(training_args.output_dir) / 'loss.png'})")
     if training_args.push_to_hub:
         trainer.push_to_hub()

@@ -1,11 +1,14 @@
 """Tests of hf_scratchgpt/generate.py: the command line that samples from a saved model."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
 from hf_scratchgpt.data import default_corpus
-from hf_scratchgpt.generate import main
+from hf_scratchgpt.generate import generate_text
 from hf_scratchgpt.tokenization import train_bpe_tokenizer
 
 
@@ -22,7 +25,7 @@ def saved_model(tmp_path_factory):
 
 def test_greedy_generation_streams_the_models_greedy_tokens(saved_model, capsys):
     folder, tokenizer = saved_model
-    text = main([str(folder), "--prompt", "The for statement", "--max_new_tokens", "8", "--temperature", "0"])
+    text = generate_text([str(folder), "--prompt", "The for statement", "--max_new_tokens", "8", "--temperature", "0"])
     model = ScratchGPTForCausalLM.from_pretrained(folder).eval()
     ids = tokenizer("The for statement", return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -33,9 +36,9 @@ def test_greedy_generation_streams_the_models_greedy_tokens(saved_model, capsys)
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(saved_model, capsys):
     folder, _ = saved_model
     flags = [str(folder), "--max_new_tokens", "12", "--temperature", "1.5", "--top_k", "0", "--top_p", "1.0"]
-    first, second = main([*flags, "--seed", "3"]), main([*flags, "--seed", "3"])
+    first, second = generate_text([*flags, "--seed", "3"]), generate_text([*flags, "--seed", "3"])
     assert first == second
-    assert len({main([*flags, "--seed", str(seed)]) for seed in range(4)}) > 1
+    assert len({generate_text([*flags, "--seed", str(seed)]) for seed in range(4)}) > 1
 
 
 @pytest.mark.parametrize(
@@ -49,11 +52,22 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_without(saved_model, ca
 def test_bad_flags_are_one_line_errors(saved_model, capsys, flags, message):
     folder, _ = saved_model
     with pytest.raises(SystemExit) as exit_info:
-        main([str(folder), *flags])
+        generate_text([str(folder), *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(SystemExit, match=f"no model folder {tmp_path / 'nope'}"):
-        main([str(tmp_path / "nope")])
+        generate_text([str(tmp_path / "nope")])
+
+
+def test_the_console_command_exits_0_and_prints_the_text_once(saved_model):
+    folder, _ = saved_model
+    # What pip's `scratchgpt-generate` wrapper runs: sys.exit(main()).
+    script = "import sys; from hf_scratchgpt.generate import main; sys.exit(main())"
+    flags = [str(folder), "--prompt", "The for statement", "--max_new_tokens", "6", "--temperature", "0"]
+    result = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("The for statement") == 1
+    assert "The for statement" not in result.stderr

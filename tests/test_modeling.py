@@ -223,11 +223,16 @@ def test_auto_classes_know_scratchgpt(tmp_path):
 LOAD_SCRIPT = """
 import sys, torch
 {block}
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 assert type(model).__module__.startswith({module!r}), type(model).__module__
 ids = torch.load(sys.argv[2])
-torch.save({{"state": model.state_dict(), "logits": model(ids).logits}}, sys.argv[3])
+# The same folder as a bare model and as a classifier (the book's chapter 6 starts from a language model).
+base = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+classifier = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True, num_labels=2)
+assert type(classifier).__name__ == "ScratchGPTForSequenceClassification", type(classifier)
+assert classifier(ids).logits.shape == (2, 2)
+torch.save({{"state": model.state_dict(), "logits": model(ids).logits, "hidden": base(ids).last_hidden_state}}, sys.argv[3])
 """
 
 
@@ -254,6 +259,7 @@ def test_save_then_load_in_another_process(tmp_path, package_importable):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(out["state"][name], tensor, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=0)
+    torch.testing.assert_close(out["hidden"], model.model(ids).last_hidden_state, rtol=0, atol=0)
 
 
 def test_missing_or_corrupt_weights_name_the_file(tmp_path):

@@ -141,6 +141,12 @@ def test_bad_flags_raise_before_training(corpus_file, tmp_path, extra, message):
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
+def test_missing_model_to_continue_fails_before_any_work(corpus_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path ./no-such-model: no such file or folder"):
+        pretrain.main(tiny_args(corpus_file, tmp_path / "out", "--model_name_or_path", "./no-such-model"))
+    assert not (tmp_path / "out" / "tokenizer.json").exists()  # not even the tokenizer was trained
+
+
 def test_corpus_smaller_than_one_window(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("A corpus of a few words only. " * 20)
