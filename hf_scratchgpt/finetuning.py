@@ -54,6 +54,9 @@ class FinetuningArguments:
             raise ValueError(f"--trainable {self.trainable!r}: expected one of {', '.join(TRAINABLE)}")
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be at least 1, got {self.lora_r}")
+        for flag, value in (("--model_name_or_path", self.model_name_or_path), ("--tokenizer", self.tokenizer)):
+            if value:
+                check_local_path(flag, value)
 
 
 def load_pretrained(
