@@ -16,10 +16,11 @@ each ratio is ScratchGPT / GPT-2 from medians of the same run:
 Run it from the repository root:
 
     python benchmarks/bench.py --quick                   # small shape, under 2 minutes on 2 CPU cores
-    python benchmarks/bench.py --json bench.json         # small and GPT-2 small, eager and sdpa (~10-15 minutes)
+    python benchmarks/bench.py                           # small and GPT-2 small, eager and sdpa (~10-15 minutes)
     python benchmarks/bench.py --device cuda --dtype bfloat16 --context 1024 --batch 8 --peak-tflops 989
 
-It prints a table with a target column (PASS/MISS) and, with `--json PATH`, writes every number and raw sample.
+It prints a table with a target column (PASS/MISS) and writes every number and raw sample as JSON (default:
+benchmarks/results/bench-<date>-<time>.json, a folder git ignores; `--json PATH` to choose).
 """
 
 import argparse
@@ -33,6 +34,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import transformers
@@ -538,7 +540,9 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
 def parse_args(argv=None) -> tuple[Settings, str | None]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape, few runs: under 2 minutes on 2 CPU cores")
-    parser.add_argument("--json", metavar="PATH", help="write all numbers and raw samples here")
+    parser.add_argument(
+        "--json", metavar="PATH", help="where to write all numbers and raw samples (default: benchmarks/results/)"
+    )
     parser.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default: both; --quick: small)")
     parser.add_argument("--attn", default="eager,sdpa", help="attention implementations, comma-separated")
     parser.add_argument("--batch", type=int, help="training batch (default 4; --quick: 2)")
@@ -610,12 +614,14 @@ def main(argv=None) -> None:
     print_notes(settings, rows)
     elapsed = time.perf_counter() - start
     print(f"\n{elapsed:.0f} s in all")
-    if json_path:
-        report = {"environment": env, "settings": asdict(settings), "seconds": elapsed,
-                  "rows": [asdict(row) for row in rows]}
-        with open(json_path, "w") as out:
-            json.dump(report, out, indent=2)
-        print(f"wrote {json_path}")
+    if json_path is None:
+        json_path = Path(__file__).parent / "results" / time.strftime("bench-%Y%m%d-%H%M%S.json")
+        json_path.parent.mkdir(exist_ok=True)
+    report = {"environment": env, "settings": asdict(settings), "seconds": elapsed,
+              "rows": [asdict(row) for row in rows]}
+    with open(json_path, "w") as out:
+        json.dump(report, out, indent=2)
+    print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":
