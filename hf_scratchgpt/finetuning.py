@@ -109,9 +109,9 @@ def select_trainable(model: ScratchGPTPreTrainedModel, args: FinetuningArguments
         return model
     if args.trainable == "last_block":
         model.requires_grad_(False)
-        for module in (model.model.trf_blocks[-1], model.model.final_norm, head and getattr(model, head)):
-            if module is not None:
-                module.requires_grad_(True)
+        trained = [model.model.trf_blocks[-1], model.model.final_norm] + ([getattr(model, head)] if head else [])
+        for module in trained:
+            module.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
