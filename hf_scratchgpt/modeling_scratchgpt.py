@@ -1,11 +1,13 @@
-"""Stages 3 and 4, attention and the GPT architecture: ScratchGPT as a transformers model.
+"""Chapters 3 and 4, attention and the GPT architecture: ScratchGPT as a transformers model.
 
 Read top to bottom in the order of the book: LayerNorm and GELU, the feed-forward network, causal multi-head
-attention (chapter 3) and its KV cache, the transformer block, the GPT model (chapter 4), then the heads for
-language modelling (chapter 5) and classification (chapter 6).
+attention (chapter 3), the transformer block, the GPT model (chapter 4), then the heads for language modelling
+(chapter 5) and classification (chapter 6), with the loading of GPT-2's and the book's weights (chapter 5).
 
-This file is copied next to the weights by `save_pretrained`, so that anyone can load a saved model with
-`trust_remote_code=True`: it imports only torch, transformers and its siblings in this folder.
+The speed work lives beside this file, in `speedups_scratchgpt.py`: `DecodeLinear` (an `nn.Linear` that decodes
+on all CPU cores), `KVCache` (the book's KV cache, appended in place) and the chunked training loss. Both files
+are copied next to the weights by `save_pretrained`, so that anyone can load a saved model with
+`trust_remote_code=True`: they import only torch, transformers and their siblings in this folder.
 """
 
 import math
@@ -18,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -30,38 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
 from .configuration_scratchgpt import ScratchGPTConfig
-
-
-class Linear(nn.Linear):
-    """`nn.Linear`, with the matrix-vector products of decoding spread over the CPU's cores.
-
-    Generating a token multiplies each weight matrix by one vector per sequence. On a CPU that product is bound by
-    memory bandwidth, and MKL runs it on a single core. For large matrices and a few rows, this splits the output
-    features into one block per thread and multiplies the blocks with one `bmm`, which runs them on all cores
-    (about 2x faster for GPT-2's output head on 2 cores). Training, GPUs, `torch.compile` and small matrices
-    take `F.linear`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (
-            rows > 16
-            or self.weight.numel() < 2**19  # 512K weights: from GPT-2 small's 768 x 768 projection up
-            or torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or (parts := torch.get_num_threads()) < 2
-        ):
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)  # (rows, in)
-        split = self.out_features - self.out_features % parts  # GPT-2's 50,257 outputs: 2 x 25,128 and 1 more
-        blocks = self.weight[:split].view(parts, split // parts, self.in_features)  # (p, out/p, in)
-        out = torch.bmm(blocks, flat.T.expand(parts, -1, -1)).permute(2, 0, 1).reshape(rows, split)  # (rows, out)
-        if split < self.out_features:
-            out = torch.cat([out, F.linear(flat, self.weight[split:])], dim=-1)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+from .speedups_scratchgpt import DecodeLinear, KVCache, chunked_causal_lm_loss
 
 
 class LayerNorm(nn.LayerNorm):
@@ -88,9 +59,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: ScratchGPTConfig):
         super().__init__()
-        self.fc1 = Linear(config.emb_dim, 4 * config.emb_dim)
+        self.fc1 = DecodeLinear(config.emb_dim, 4 * config.emb_dim)
         self.act = GELU()
-        self.fc2 = Linear(4 * config.emb_dim, config.emb_dim)
+        self.fc2 = DecodeLinear(4 * config.emb_dim, config.emb_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -140,8 +111,8 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = config.emb_dim // config.n_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True  # read by transformers' attention kernels
-        self.qkv = Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
-        self.out_proj = Linear(config.emb_dim, config.emb_dim)
+        self.qkv = DecodeLinear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
+        self.out_proj = DecodeLinear(config.emb_dim, config.emb_dim)
 
     def forward(
         self,
@@ -171,61 +142,6 @@ class MultiHeadAttention(nn.Module):
         )
         out = out.reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
         return self.out_proj(out), weights
-
-
-class KVCacheLayer(DynamicLayer):
-    """The keys and values one block has seen (the book's KV cache), appended in place.
-
-    transformers' `DynamicLayer` concatenates each new token's keys and values to all the earlier ones, so every
-    decoding step copies the whole cache. This layer writes them into storage that doubles when full, so a step
-    copies only what is new; `keys` and `values` are views of the filled part. Under autograd it concatenates like
-    its parent (a later in-place write would invalidate the views a backward pass still needs).
-    """
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.key_store = self.value_store = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            return super().update(key_states, value_states)
-        past = self.get_seq_length()
-        total = past + key_states.shape[-2]
-        if not self._store_holds(key_states, total):  # first call, full, or keys replaced (beam search reorders)
-            self.key_store = self._grow(self.keys, key_states, past, 2 * total)
-            self.value_store = self._grow(self.values, value_states, past, 2 * total)
-        self.key_store.narrow(-2, past, total - past).copy_(key_states)
-        self.value_store.narrow(-2, past, total - past).copy_(value_states)
-        self.keys, self.values = self.key_store.narrow(-2, 0, total), self.value_store.narrow(-2, 0, total)
-        return self.keys, self.values
-
-    def _store_holds(self, key_states: torch.Tensor, total: int) -> bool:
-        store = self.key_store
-        return (
-            store is not None
-            and self.keys._base is store  # `crop` keeps the view; reordering or selecting rows replaces it
-            and self.values._base is self.value_store
-            and store.shape[:2] == key_states.shape[:2]
-            and store.dtype == key_states.dtype
-            and total <= store.shape[-2]
-        )
-
-    @staticmethod
-    def _grow(past_states: torch.Tensor, new_states: torch.Tensor, past: int, capacity: int) -> torch.Tensor:
-        batch, heads, _, head_dim = new_states.shape
-        store = new_states.new_empty(batch, heads, capacity, head_dim)
-        if past:
-            store[..., :past, :] = past_states
-        return store
-
-
-class KVCache(DynamicCache):
-    """A `DynamicCache` of `KVCacheLayer`s: what ScratchGPT decodes with, in `generate()` and in a plain forward."""
-
-    def __init__(self):
-        Cache.__init__(self, layer_class_to_replicate=KVCacheLayer)
 
 
 class ScratchGPTBlock(GradientCheckpointingLayer):
@@ -412,59 +328,6 @@ def _position_ids(attention_mask: torch.Tensor | None, past_len: int, seq_len: i
     return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)  # (1, T)
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against `labels` (-100 ignored), without all the logits at once.
-
-    The logits are made `chunk_size` rows at a time. Each chunk's gradient, softmax minus one-hot, is turned into
-    the gradients of `hidden` and `weight` right away, so backward only scales them. The matmuls are the plain
-    path's (one forward, two for the gradients); the memory is one (chunk_size, vocab) buffer instead of several
-    (B * T, vocab) ones: logits, log-softmax, and their gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):  # hidden (N, C), weight (V, C), labels (N,)
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
-            valid = (y != -100).unsqueeze(1)  # (n, 1)
-            target = y.clamp(min=0).unsqueeze(1)  # (n, 1), ignored rows point at token 0 and are masked
-            logits = (h @ weight.T).float()  # (n, V)
-            target_logits = logits.gather(1, target)  # (n, 1)
-            row_max = logits.amax(dim=-1, keepdim=True)
-            exps = logits.sub_(row_max).exp_()  # in place: one (n, V) buffer all along
-            sum_exps = exps.sum(dim=-1, keepdim=True)
-            loss += ((row_max + sum_exps.log() - target_logits) * valid).sum()  # log-sum-exp minus target logit
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d loss / d logits = softmax - one-hot, and 0 on ignored rows: scale by valid / sum, subtract valid.
-            grad_logits = exps.mul_(valid / sum_exps).scatter_add_(1, target, -valid.float()).to(hidden.dtype)
-            if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, h)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
-        grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None
-
-
-def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size, num_items_in_batch=None) -> torch.Tensor:
-    """The causal LM loss (mean over non-ignored next-token targets, or sum / `num_items_in_batch` when gradient
-    accumulation gives it) computed by `ChunkedLinearCrossEntropy`. Labels are shifted here, as transformers does."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1; the last predicts nothing
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * T, C)
-    loss_sum = ChunkedLinearCrossEntropy.apply(hidden, weight, targets.reshape(-1), chunk_size)
-    denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    return loss_sum / denominator
-
-
 class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
     """ScratchGPT with its language-modelling head (chapters 4.6 and 5): next-token logits over the vocabulary.
 
@@ -476,7 +339,7 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: ScratchGPTConfig):
         super().__init__(config)
         self.model = ScratchGPTModel(config)
-        self.lm_head = Linear(config.emb_dim, config.vocab_size, bias=False)  # the book's `out_head`
+        self.lm_head = DecodeLinear(config.emb_dim, config.vocab_size, bias=False)  # the book's `out_head`
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -608,7 +471,7 @@ class ScratchGPTForSequenceClassification(ScratchGPTPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = ScratchGPTModel(config)
-        self.score = Linear(config.emb_dim, config.num_labels)  # the book's new `out_head`
+        self.score = nn.Linear(config.emb_dim, config.num_labels)  # the book's new `out_head`
         self.post_init()
 
     @can_return_tuple
