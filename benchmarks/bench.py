@@ -1,4 +1,4 @@
-"""Benchmark of stage 4, the GPT architecture: ScratchGPT against transformers' GPT-2, side by side.
+"""Benchmark of chapters 3 to 5: ScratchGPT against transformers' GPT-2, side by side, training and generating.
 
 One process builds ScratchGPT, converts it with `to_gpt2()` (same shapes, same weights, dropout 0) and measures the
 two models alternately, run by run (A B A B ...), after a warm-up; each number is the median over the runs, and

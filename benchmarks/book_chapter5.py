@@ -1,4 +1,4 @@
-"""Benchmark of stage 6, pretraining: the book's chapter 5 run, reproduced with recipes/pretrain.py.
+"""Benchmark of chapter 5, pretraining: the book's chapter 5 run, reproduced with recipes/pretrain.py.
 
     python benchmarks/book_chapter5.py [--data ../shared/data] [--output_dir runs/book-chapter5]
 

@@ -1,4 +1,4 @@
-"""hf_scratchgpt: every stage of "Build a Large Language Model (From Scratch)" as a Hugging Face transformers model.
+"""hf_scratchgpt: every chapter of "Build a Large Language Model (From Scratch)" as a Hugging Face transformers model.
 
 Importing the package registers ScratchGPT with the Auto classes, so `AutoModelForCausalLM.from_pretrained(folder)`
 works for a saved ScratchGPT; `save_pretrained` also writes the code, so a Python without this package loads the

@@ -1,4 +1,4 @@
-"""Stage 4, the GPT architecture: ScratchGPT's configuration, its named presets and their validation.
+"""Chapter 4, the GPT architecture: ScratchGPT's configuration, its named presets and their validation.
 
 The field names are the book's (`GPT_CONFIG_124M` in chapter 4); the standard transformers names
 (`hidden_size`, `num_attention_heads`, ...) are aliases of them, so generic code such as `generate()`,

@@ -1,4 +1,4 @@
-"""Stage 5, loading pretrained weights: GPT-2 (transformers) and the book's `GPTModel` checkpoints in and out.
+"""Chapter 5, loading pretrained weights: GPT-2 (transformers) and the book's `GPTModel` checkpoints in and out.
 
 Pure name-and-shape mappings between state dicts, used by `ScratchGPTForCausalLM.from_gpt2`, `.to_gpt2` and
 `.from_book_state_dict`. Like the modeling file, this one imports only torch, transformers and its siblings, so

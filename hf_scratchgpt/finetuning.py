@@ -1,21 +1,22 @@
-"""Stages 7 and 8, fine-tuning (the book's chapters 6 and 7, appendix E): the starting weights and what trains.
+"""Chapters 6 and 7 and appendix E, fine-tuning: the starting weights, and which of them train.
 
-Both fine-tuning recipes (`recipes/classify.py`, `recipes/instruct.py`) start from a pretrained model: a saved
-ScratchGPT (a folder or Hub id, such as the output of `recipes/pretrain.py`) or a transformers GPT-2 checkpoint
-(a folder, or a Hub id such as `openai-community/gpt2`), converted on load. Then they choose what trains:
+A fine-tuning recipe (such as `recipes/classify.py`) starts from a pretrained model: a saved ScratchGPT (a folder or
+Hub id, such as the output of `recipes/pretrain.py`) or a transformers GPT-2 checkpoint (a folder, or a Hub id such
+as `openai-community/gpt2`), converted on load. Then it chooses what trains:
 
 - `last_block`: the last transformer block, the final LayerNorm and the task's new head (the book's chapter 6);
 - `all`: every weight (the book's chapter 7);
 - `lora`: low-rank adapters on every Linear of the blocks, through peft, with the rest frozen and the new head
-  trained whole (appendix E). The recipe merges the adapters into the weights when it saves, so the saved folder
-  is an ordinary ScratchGPT.
+  trained whole (appendix E). `merge_adapters` folds them into the weights before saving, so the saved folder is an
+  ordinary ScratchGPT.
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase, Trainer
 
-from .arguments import check_local_path
+from .hub import check_local_path
 from .modeling_scratchgpt import (
     ScratchGPTForCausalLM,
     ScratchGPTForSequenceClassification,
@@ -32,14 +33,20 @@ LORA_TARGETS = ["qkv", "out_proj", "fc1", "fc2"]  # every Linear of every block:
 class FinetuningArguments:
     """The model side of a fine-tuning recipe: where the weights come from and which of them train."""
 
+    PATHS: ClassVar[dict] = {"model_name_or_path": "hub", "tokenizer": "hub"}  # checked by `start_recipe`
+
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Pretrained weights: a ScratchGPT or GPT-2 folder, or a Hub id (openai-community/gpt2)."},
+        metadata={
+            "help": "Pretrained weights: a ScratchGPT or GPT-2 folder, or a Hub id (openai-community/gpt2).",
+        },
     )
     tokenizer: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer folder (GPT-2's encoder.json + vocab.bpe, or a saved one) or Hub id; "
-                  "default: the model's."},
+        metadata={
+            "help": "Tokenizer folder (GPT-2's encoder.json + vocab.bpe, or a saved one) or Hub id; default: the "
+            "model's.",
+        },
     )
     trainable: str = field(
         default="last_block", metadata={"help": "What trains: last_block (chapter 6), all (chapter 7), or lora."}
@@ -47,16 +54,12 @@ class FinetuningArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (appendix E: 16)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scale alpha; the update is alpha / r * B A."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager (the book's math) or sdpa."})
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE:
             raise ValueError(f"--trainable {self.trainable!r}: expected one of {', '.join(TRAINABLE)}")
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be at least 1, got {self.lora_r}")
-        for flag, value in (("--model_name_or_path", self.model_name_or_path), ("--tokenizer", self.tokenizer)):
-            if value:
-                check_local_path(flag, value)
 
 
 def load_pretrained(
@@ -93,15 +96,6 @@ def load_tokenizer(args: FinetuningArguments) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model: ScratchGPTPreTrainedModel, where: str) -> None:
-    """A tokenizer must not make ids the model has no embedding for."""
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens, more than the vocabulary of {where} "
-            f"({model.config.vocab_size}): use the model's own tokenizer (leave out --tokenizer)"
-        )
-
-
 def select_trainable(model: ScratchGPTPreTrainedModel, args: FinetuningArguments):
     """Freeze what `args.trainable` leaves out; for `lora`, the model wrapped by peft with its adapters."""
     head = "score" if isinstance(model, ScratchGPTForSequenceClassification) else None
@@ -125,6 +119,13 @@ def select_trainable(model: ScratchGPTPreTrainedModel, args: FinetuningArguments
     return get_peft_model(model, lora)
 
 
+def merge_adapters(trainer: Trainer) -> None:
+    """Fold LoRA adapters into the weights they adapt (`W + alpha / r * B A`), so that the trainer saves an
+    ordinary ScratchGPT; a `finish_recipe(before_save=...)` step. A model without adapters is left alone."""
+    if hasattr(trainer.model, "merge_and_unload"):
+        trainer.model = trainer.model_wrapped = trainer.model.merge_and_unload()
+
+
 def trainable_summary(model) -> str:
     """'trainable: 7,098,626 of 124,441,346 parameters (5.70%)'."""
     total = sum(p.numel() for p in model.parameters())
@@ -134,9 +135,9 @@ def trainable_summary(model) -> str:
 
 __all__ = [
     "FinetuningArguments",
-    "check_vocabulary",
     "load_pretrained",
     "load_tokenizer",
+    "merge_adapters",
     "select_trainable",
     "trainable_summary",
 ]

@@ -1,4 +1,4 @@
-"""Stage 5, generating text (the book's chapter 5.3): sample from a saved model, streaming to the terminal.
+"""Chapter 5, generating text (section 5.3): sample from a saved model, streaming to the terminal.
 
     scratchgpt-generate runs/pretrain-default --prompt "The for statement" --max_new_tokens 80 \\
         --temperature 0.8 --top_k 40 --top_p 0.95
@@ -15,6 +15,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
+from .hub import is_local_path
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scratchgpt-generate", description=__doc__.splitlines()[0])
@@ -27,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--trust_remote_code", action="store_true", help="load a folder's own code")
     args = parser.parse_args(argv)
+    if not args.prompt:
+        parser.error("--prompt is empty: give the text to continue")
     if args.max_new_tokens <= 0:
         parser.error(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -49,7 +53,7 @@ def generate_text(argv=None) -> str:
     args = parse_args(argv)
     import hf_scratchgpt  # noqa: F401  registers ScratchGPT with the Auto classes
 
-    if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+    if is_local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
         sys.exit(f"scratchgpt-generate: error: no model folder {args.model}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -1,4 +1,4 @@
-"""Stage 1, tokenization: byte-level BPE the way GPT-2 does it, built with the `tokenizers` library.
+"""Chapter 2, tokenization: byte-level BPE the way GPT-2 does it, built with the `tokenizers` library.
 
 The book's chapter 2 tokenizes with tiktoken's `gpt2` encoding. Here the same tokenizer is a
 `PreTrainedTokenizerFast`, so that it saves next to a model and loads back with `AutoTokenizer`:
@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .hub import is_local_path
 
 
 __all__ = ["EOS_TOKEN", "gpt2_tokenizer", "gpt2_tokenizer_from_dir", "train_bpe_tokenizer"]
@@ -56,7 +58,7 @@ def gpt2_tokenizer_from_dir(folder: str | os.PathLike) -> PreTrainedTokenizerFas
     vocab_file, merges_file = path / "encoder.json", path / "vocab.bpe"
     if vocab_file.is_file() and merges_file.is_file():
         return gpt2_tokenizer(vocab_file, merges_file)
-    if not path.is_dir() and (isinstance(folder, os.PathLike) or str(folder).startswith((".", "/", "~"))):
+    if is_local_path(folder) and not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     # Older Hub configs leave clean_up_tokenization_spaces unset, and it used to default to True.
     return AutoTokenizer.from_pretrained(str(folder), clean_up_tokenization_spaces=False)

@@ -1,4 +1,4 @@
-"""Stage 6, training with `Trainer`: the pieces the book's training loop had that `Trainer` lacks.
+"""Chapter 5 and appendix D, training with `Trainer`: the pieces the book's training loop had that `Trainer` lacks.
 
 - `SampleGenerationCallback`: the book's `generate_and_print_sample`, a greedy continuation of a fixed prompt at
   each evaluation, to watch the model learn.

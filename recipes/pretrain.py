@@ -1,4 +1,4 @@
-"""Stage 6, pretraining (the book's chapter 5): train ScratchGPT from scratch with transformers' `Trainer`.
+"""Chapter 5, pretraining: train ScratchGPT from scratch with transformers' `Trainer`.
 
     python recipes/pretrain.py                                        # the embedded corpus, minutes on a CPU
     python recipes/pretrain.py --config recipes/configs/pretrain/book_chapter5.yaml \\
@@ -11,36 +11,37 @@ The run: corpus -> tokenizer (trained on the corpus, or GPT-2's) -> sliding wind
 its checkpoints) -> save model, tokenizer, code and model card -> loss plot -> a sample generation.
 """
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, TrainingArguments
-from transformers.integrations import is_tensorboard_available
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
-from hf_scratchgpt.arguments import (
-    check_local_path,
-    check_output_dir,
-    parse_recipe_args,
-    resolve_checkpoint,
-    run_recipe,
-)
 from hf_scratchgpt.data import default_corpus, load_text_dataset, pretraining_windows, split_corpus
+from hf_scratchgpt.recipe import check_vocabulary, finish_recipe, run_recipe, start_recipe
 from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
 from hf_scratchgpt.training import LossPlotCallback, SampleGenerationCallback, ScratchGPTTrainer, generate_sample
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain" / "default.yaml"
+# What a new model is built with, and a model loaded to continue already has: given with --model_name_or_path,
+# each is an error. (`drop_rate` is not among them: a loaded model trains with any dropout.)
+NEW_MODEL_SETTINGS = (
+    "preset", "context_length", "emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_word_embeddings", "init_scheme",
+    "vocab_size",
+)
 
 
 @dataclass
 class ModelArguments:
+    PATHS: ClassVar[dict] = {"model_name_or_path": "hub"}  # checked before any work
+
     preset: str | None = field(
         default=None, metadata={"help": "Named shape (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, tiny)."}
     )
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Continue from a saved ScratchGPT (folder or Hub id) instead of a new model."}
+        default=None,
+        metadata={"help": "Continue from a saved ScratchGPT (folder or Hub id) instead of a new model."},
     )
     context_length: int | None = field(default=None, metadata={"help": "Tokens per window and model context."})
     emb_dim: int | None = field(default=None, metadata={"help": "Model width."})
@@ -50,13 +51,15 @@ class ModelArguments:
     qkv_bias: bool | None = field(default=None, metadata={"help": "Bias on the query/key/value projection."})
     tie_word_embeddings: bool | None = field(default=None, metadata={"help": "Share embedding and output head."})
     init_scheme: str | None = field(default=None, metadata={"help": "gpt2 (GPT-2's init) or book (PyTorch's)."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager (the book's math) or sdpa."})
 
 
 @dataclass
 class DataArguments:
+    PATHS: ClassVar[dict] = {"train_file": "local", "tokenizer": "hub"}
+
     train_file: list[str] | None = field(
-        default=None, metadata={"help": "Text file(s) or folder of .txt files; default: the embedded corpus."}
+        default=None,
+        metadata={"help": "Text file(s) or folder of .txt files; default: the embedded corpus."},
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id instead of files."})
     dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name to read."})
@@ -64,44 +67,39 @@ class DataArguments:
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of the corpus held out (book: 0.1)."})
     split_by: str = field(default="characters", metadata={"help": "characters (the book's cut) or documents."})
     stride: int | None = field(default=None, metadata={"help": "Tokens between window starts; default: context."})
-    tokenizer: str = field(
-        default="bpe",
-        metadata={"help": "bpe: train one on the corpus; else a folder with GPT-2's encoder.json + vocab.bpe, a saved "
-                  "tokenizer, or a Hub id (e.g. openai-community/gpt2)."},
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "bpe: train one on the corpus (the default for a new model); else a folder with GPT-2's "
+                  "encoder.json + vocab.bpe, a saved tokenizer, or a Hub id. Default when continuing: the model's."},
     )
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of a BPE tokenizer trained here."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
     sample_prompt: str = field(default="Every effort moves you", metadata={"help": "Prompt of the sample text."})
     sample_max_new_tokens: int = field(default=50, metadata={"help": "Tokens generated for each sample."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Write over a model in output_dir."})
-    tensorboard: bool = field(default=True, metadata={"help": "Log to TensorBoard when it is installed."})
+
+    def __post_init__(self):
+        if self.train_file and self.dataset_name:
+            raise ValueError("give --train_file or --dataset_name, not both")
+        if not self.sample_prompt:
+            raise ValueError("--sample_prompt is empty: the sample at each evaluation needs a prompt to continue")
+        if self.sample_max_new_tokens < 1:
+            raise ValueError(f"--sample_max_new_tokens must be at least 1, got {self.sample_max_new_tokens}")
 
 
 def main(argv=None) -> dict:
-    model_args, data_args, training_args = parse_recipe_args(
-        (ModelArguments, DataArguments, TrainingArguments),
-        argv,
-        default_config=DEFAULT_CONFIG,
-        # On a machine with no accelerator, this also makes several processes one DDP group over gloo.
-        defaults=dict(use_cpu=not torch.accelerator.is_available(), ddp_find_unused_parameters=False),
-    )
-    rank, world = training_args.process_index, training_args.world_size
-    print(f"pretrain: process {rank} of world size {world}")
-    check_output_dir(training_args, data_args.overwrite_output_dir)
-    checkpoint = resolve_checkpoint(training_args)
-    if model_args.model_name_or_path:  # a model that cannot be found fails here, before any work
-        check_local_path("--model_name_or_path", model_args.model_name_or_path)
-        AutoConfig.from_pretrained(model_args.model_name_or_path)
-    if data_args.tensorboard and training_args.report_to in ([], ["none"], "none") and is_tensorboard_available():
-        training_args.report_to = ["tensorboard"]
+    run = start_recipe("pretrain", (ModelArguments, DataArguments), argv, default_config=DEFAULT_CONFIG)
+    model_args, data_args = run.args
+    training_args = run.training
+    if model_args.model_name_or_path:
+        check_continuing(model_args, data_args, run.given)
 
     # Rank 0 trains the tokenizer and tokenizes (cached by datasets); the other ranks then read its results.
     with training_args.main_process_first(desc="tokenizer and windows"):
         corpus = split_corpus(
             load_corpus(data_args), 1 - data_args.validation_fraction, by=data_args.split_by, seed=training_args.seed
         )
-        tokenizer = build_tokenizer(data_args, corpus["train"], training_args.output_dir, rank == 0, checkpoint)
-        model = build_model(model_args, tokenizer)
+        tokenizer = build_tokenizer(model_args, data_args, corpus["train"], training_args, run.checkpoint)
+        model = build_model(model_args, tokenizer, run.common.attn_implementation)
         context = model.config.context_length
         windows = pretraining_windows(corpus, tokenizer, context, data_args.stride, num_proc=data_args.num_proc)
     check_enough_windows(windows, training_args, context)
@@ -120,35 +118,37 @@ def main(argv=None) -> dict:
         card=dict(
             datasets=[data_args.dataset_name] if data_args.dataset_name else [],
             tags=["text-generation", "pretraining"],
-            description=f"ScratchGPT pretrained from scratch on {describe_corpus(data_args)} with "
-            "`recipes/pretrain.py` of hf_scratchgpt.",
+            base_model=model_args.model_name_or_path,
+            description=f"ScratchGPT pretrained on {describe_corpus(data_args)} with `recipes/pretrain.py` of "
+            "hf_scratchgpt.",
         ),
     )
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()  # weights, config with auto_map, code files, tokenizer, generation config
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    metrics = trainer.evaluate()
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    trainer.save_state()
+    metrics = finish_recipe(trainer, run)
     sample = generate_sample(model, tokenizer, data_args.sample_prompt, data_args.sample_max_new_tokens)  # all ranks
     if trainer.is_world_process_zero():
-        trainer.create_model_card()
         print(f"\nsample: {sample!r}")
         print(f"saved to {training_args.output_dir} (loss plot: {Path(training_args.output_dir) / 'loss.png'})")
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
     return metrics
 
 
+def check_continuing(model_args: ModelArguments, data_args: DataArguments, given: frozenset[str]) -> None:
+    """A model loaded to continue has its shape and its tokenizer: settings for a new one are errors, not ignored."""
+    AutoConfig.from_pretrained(model_args.model_name_or_path)  # a model that cannot be found fails here
+    for name in NEW_MODEL_SETTINGS:
+        if name in given:
+            raise ValueError(
+                f"--{name} cannot apply to --model_name_or_path {model_args.model_name_or_path}, which has its own "
+                "shape and tokenizer: leave it out"
+            )
+    if data_args.tokenizer == "bpe":
+        raise ValueError(
+            "--tokenizer bpe trains a new vocabulary, whose ids mean other tokens than the ones "
+            f"{model_args.model_name_or_path} learned: leave --tokenizer out to continue with the model's own"
+        )
+
+
 def load_corpus(data_args: DataArguments):
-    if data_args.train_file and data_args.dataset_name:
-        raise ValueError("give --train_file or --dataset_name, not both")
     if data_args.train_file:
-        missing = [f for f in data_args.train_file if not os.path.exists(f)]
-        if missing:
-            raise FileNotFoundError(f"--train_file {missing[0]} does not exist")
         files = data_args.train_file
         return load_text_dataset(files[0] if len(files) == 1 else [Path(f) for f in files])
     if data_args.dataset_name:
@@ -162,37 +162,34 @@ def describe_corpus(data_args: DataArguments) -> str:
     return data_args.dataset_name or "the Python language reference (Python's `pydoc_data.topics`)"
 
 
-def build_tokenizer(data_args: DataArguments, train_texts, output_dir: str, is_main: bool, checkpoint: str | None):
-    """GPT-2's tokenizer or a saved one; or a BPE tokenizer trained on the training text by the main process and
-    saved in output_dir for the others. A resumed run reads the tokenizer of its checkpoint."""
+def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_texts, training_args, checkpoint):
+    """The tokenizer of the checkpoint being resumed, of the model being continued, or the one `--tokenizer` names;
+    else a BPE tokenizer trained on the training text by the main process and saved in output_dir for the others."""
     if checkpoint is not None:
         return gpt2_tokenizer_from_dir(checkpoint)
-    if data_args.tokenizer != "bpe":
+    if data_args.tokenizer not in (None, "bpe"):
         return gpt2_tokenizer_from_dir(data_args.tokenizer)
-    if not is_main:
-        return gpt2_tokenizer_from_dir(output_dir)
+    if model_args.model_name_or_path:
+        return gpt2_tokenizer_from_dir(model_args.model_name_or_path)
+    if not training_args.process_index == 0:
+        return gpt2_tokenizer_from_dir(training_args.output_dir)
     tokenizer = train_bpe_tokenizer(train_texts["text"], data_args.vocab_size)
-    tokenizer.save_pretrained(output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
     return tokenizer
 
 
-def build_model(model_args: ModelArguments, tokenizer) -> ScratchGPTForCausalLM:
+def build_model(model_args: ModelArguments, tokenizer, attn_implementation: str) -> ScratchGPTForCausalLM:
     if model_args.model_name_or_path:
+        overrides = {} if model_args.drop_rate is None else dict(drop_rate=model_args.drop_rate)
         model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
+            model_args.model_name_or_path, attn_implementation=attn_implementation, **overrides
         )
-        if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens, more than the vocabulary of {model_args.model_name_or_path} "
-                f"({model.config.vocab_size}): use the model's own tokenizer with --tokenizer"
-            )
+        check_vocabulary(tokenizer, model, model_args.model_name_or_path)
         return model
     overrides = {
         name: getattr(model_args, name)
-        for name in (
-            "context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_word_embeddings",
-            "init_scheme",
-        )
+        for name in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_word_embeddings",
+                     "init_scheme")
         if getattr(model_args, name) is not None
     }
     overrides.update(
@@ -200,11 +197,10 @@ def build_model(model_args: ModelArguments, tokenizer) -> ScratchGPTForCausalLM:
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=attn_implementation,
     )
-    config = ScratchGPTConfig.from_preset(model_args.preset, **overrides) if model_args.preset else ScratchGPTConfig(
-        **overrides
-    )
+    preset = model_args.preset
+    config = ScratchGPTConfig.from_preset(preset, **overrides) if preset else ScratchGPTConfig(**overrides)
     model = ScratchGPTForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id

@@ -1,25 +1,17 @@
-"""Stage 2, data sampling: the book's sliding windows on `datasets`, corpus loading, splits, and the
-chapter 6 and 7 data (SMS spam, Alpaca prompts)."""
+"""Chapter 2, data sampling: the book's sliding windows on `datasets`, corpus loading, and chapter 5's split."""
 
-import csv
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import default_data_collator
 
-from hf_scratchgpt.data import (
+from hf_scratchgpt.data.classification import load_sms_spam
+from hf_scratchgpt.data.pretraining import (
     default_corpus,
-    format_instruction,
-    instruction_splits,
-    load_instruction_data,
-    load_sms_spam,
     load_text_dataset,
     pretraining_windows,
-    sms_spam_splits,
     split_corpus,
     tokenize_dataset,
 )
@@ -275,92 +267,3 @@ def test_a_missing_file_is_named(gpt2, tmp_path):
             pretraining_windows(source, gpt2, length=4)
     with pytest.raises(FileNotFoundError, match="no .txt files"):
         load_text_dataset(tmp_path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Chapter 6: SMS spam
-
-
-def book_balanced_split(path: Path):
-    """The book's chapter 6 pandas code; QUOTE_NONE reads every line as one message, as load_sms_spam does."""
-    import pandas as pd
-
-    df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE)
-    num_spam = df[df["Label"] == "spam"].shape[0]
-    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
-    balanced_df = pd.concat([ham_subset, df[df["Label"] == "spam"]])
-    balanced_df["Label"] = balanced_df["Label"].map({"ham": 0, "spam": 1})
-    df = balanced_df.sample(frac=1, random_state=123).reset_index(drop=True)
-    train_end = int(len(df) * 0.7)
-    validation_end = train_end + int(len(df) * 0.1)
-    return df[:train_end], df[train_end:validation_end], df[validation_end:]
-
-
-def test_sms_spam_split_is_the_books(shared_data):
-    path = shared_data / "sms_spam" / "SMSSpamCollection.tsv"
-    splits = sms_spam_splits(load_sms_spam(path))
-    assert [len(splits[name]) for name in ("train", "validation", "test")] == [1045, 149, 300]  # README
-    for name, book in zip(("train", "validation", "test"), book_balanced_split(path), strict=True):
-        assert splits[name]["text"][:] == book["Text"].tolist()
-        assert splits[name]["label"][:] == book["Label"].tolist()
-    labels = np.concatenate([splits[name]["label"][:] for name in splits])
-    assert (labels == 1).sum() == (labels == 0).sum() == 747
-
-
-def test_sms_spam_labels(shared_data):
-    messages = load_sms_spam(shared_data / "sms_spam" / "SMSSpamCollection.tsv")
-    assert messages.features["label"].names == ["ham", "spam"]
-    assert sum(messages["label"][:]) == 747  # README: 747 spam
-
-
-def test_sms_spam_bad_line_is_named(tmp_path):
-    path = tmp_path / "sms.tsv"
-    path.write_text("ham\tfine\nspam no tab here\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2: expected") as error:
-        load_sms_spam(path)
-    one_line(error)
-    with pytest.raises(FileNotFoundError, match="nothing.tsv"):
-        load_sms_spam(tmp_path / "nothing.tsv")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Chapter 7: instruction data in the Alpaca format
-
-
-def format_input(entry):
-    """The book's chapter 7 prompt, as printed there."""
-    instruction_text = (
-        f"Below is an instruction that describes a task. "
-        f"Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry['instruction']}"
-    )
-    input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
-    return instruction_text + input_text
-
-
-def test_alpaca_format_is_the_books(shared_data):
-    path = shared_data / "instruction" / "instruction-data.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    assert any(entry["input"] for entry in data) and any(not entry["input"] for entry in data)
-    for entry in data:
-        assert format_instruction(entry, with_response=False) == format_input(entry)
-        assert format_instruction(entry) == format_input(entry) + f"\n\n### Response:\n{entry['output']}"
-
-
-def test_instruction_split_is_the_books(shared_data):
-    path = shared_data / "instruction" / "instruction-data.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    splits = instruction_splits(load_instruction_data(path))
-    train_portion = int(len(data) * 0.85)
-    test_portion = int(len(data) * 0.1)
-    assert splits["train"].to_list() == data[:train_portion]
-    assert splits["test"].to_list() == data[train_portion : train_portion + test_portion]
-    assert splits["validation"].to_list() == data[train_portion + test_portion :]
-
-
-def test_instruction_entry_without_a_field_is_named(tmp_path):
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
-    with pytest.raises(ValueError, match="entry 1") as error:
-        load_instruction_data(path)
-    one_line(error)

@@ -47,6 +47,7 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_without(saved_model, ca
         (["--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
         (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+        (["--prompt", ""], "--prompt is empty"),
     ],
 )
 def test_bad_flags_are_one_line_errors(saved_model, capsys, flags, message):
@@ -62,6 +63,7 @@ def test_missing_folder_is_named(tmp_path):
         generate_text([str(tmp_path / "nope")])
 
 
+@pytest.mark.slow
 def test_the_console_command_exits_0_and_prints_the_text_once(saved_model):
     folder, _ = saved_model
     # What pip's `scratchgpt-generate` wrapper runs: sys.exit(main()).

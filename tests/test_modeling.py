@@ -180,6 +180,7 @@ torch.save({{"state": model.state_dict(), "logits": model(ids).logits, "hidden":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package_importable", [True, False], ids=["fresh-process", "trust-remote-code-without-package"])
 def test_save_then_load_in_another_process(tmp_path, package_importable):
     model = make_lm(qkv_bias=True)
@@ -269,6 +270,7 @@ def test_output_hidden_states():
     torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
 
 
+@pytest.mark.slow
 def test_torch_compile_sees_no_graph_break_in_training_or_inference():
     model = make_lm(attn_implementation="sdpa").train()
     ids = torch.randint(0, 1000, (2, 16))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_scratchgpt.data import default_corpus
+from hf_scratchgpt.tokenization import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pretrain.py"
@@ -37,15 +38,29 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_args(corpus_file, output_dir, *extra) -> list[str]:
+def run_args(corpus_file, output_dir, *extra) -> list[str]:
+    """A short run: settings of the run, not of the model's shape."""
     return [
         "--train_file", str(corpus_file), "--output_dir", str(output_dir),
-        "--context_length", "32", "--emb_dim", "32", "--n_layers", "2", "--n_heads", "2", "--vocab_size", "300",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
         "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--warmup_steps", "2",
         "--sample_max_new_tokens", "5", "--tensorboard", "false", "--disable_tqdm", "true",
         *extra,
     ]
+
+
+def tiny_args(corpus_file, output_dir, *extra) -> list[str]:
+    """A short run of a new, tiny model."""
+    shape = ["--context_length", "32", "--emb_dim", "32", "--n_layers", "2", "--n_heads", "2", "--vocab_size", "300"]
+    return run_args(corpus_file, output_dir, *shape, *extra)
+
+
+@pytest.fixture(scope="module")
+def small_model(corpus_file, tmp_path_factory) -> Path:
+    """A tiny model pretrained for one step, with its 300-token BPE tokenizer, to continue from."""
+    out = tmp_path_factory.mktemp("small") / "model"
+    pretrain.main(tiny_args(corpus_file, out, "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"))
+    return out
 
 
 def test_a_few_steps_save_a_complete_hub_folder(corpus_file, tmp_path, capsys):
@@ -74,6 +89,7 @@ def test_a_few_steps_save_a_complete_hub_folder(corpus_file, tmp_path, capsys):
     assert "[step 3]" in capsys.readouterr().out  # the sample printed at evaluation
 
 
+@pytest.mark.slow
 def test_two_processes_both_take_part(corpus_file, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
@@ -90,6 +106,7 @@ def test_two_processes_both_take_part(corpus_file, tmp_path):
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), torch.nn.Module)
 
 
+@pytest.mark.slow
 def test_runs_under_accelerate_launch(corpus_file, tmp_path):
     out = tmp_path / "accelerate"
     result = subprocess.run(
@@ -103,6 +120,7 @@ def test_runs_under_accelerate_launch(corpus_file, tmp_path):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(corpus_file, tmp_path):
     full = tmp_path / "full"
     pretrain.main(tiny_args(corpus_file, full))
@@ -117,13 +135,14 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(corpus_file, 
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_before_training(corpus_file, tmp_path):
     result = subprocess.run(
         [sys.executable, str(RECIPE), "--train_file", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: --train_file {tmp_path / 'missing.txt'} does not exist"]
+    assert result.stderr.strip().splitlines() == [f"error: --train_file {tmp_path / 'missing.txt'}: no such file or folder"]
 
 
 @pytest.mark.parametrize(
@@ -131,7 +150,8 @@ def test_bad_input_is_one_line_before_training(corpus_file, tmp_path):
     [
         (["--context_length", "512", "--max_position_embeddings_typo", "1"], r"unknown option\(s\): --max_position"),
         (["--per_device_train_batch_size", "4096"], r"windows of 32 tokens, fewer than one batch of 4096"),
-        (["--train_file", "nowhere.txt"], r"--train_file nowhere.txt does not exist"),
+        (["--train_file", "nowhere.txt"], r"--train_file nowhere.txt: no such file or folder"),
+        (["--sample_prompt", ""], r"--sample_prompt is empty"),
         (["--resume_from_checkpoint", "last"], r"no checkpoint-\* folder in"),
     ],
 )
@@ -154,12 +174,51 @@ def test_corpus_smaller_than_one_window(tmp_path):
         pretrain.main(tiny_args(small, tmp_path / "out"))
 
 
-def test_continuing_a_model_with_a_bigger_tokenizer_is_refused(corpus_file, tmp_path):
-    small = tmp_path / "small-vocab"
-    pretrain.main(tiny_args(corpus_file, small, "--max_steps", "1"))
+def test_continuing_a_model_with_a_bigger_tokenizer_is_refused(corpus_file, small_model, tmp_path):
+    bigger = tmp_path / "tokenizer-400"
+    train_bpe_tokenizer(corpus_file, 400).save_pretrained(bigger)
     with pytest.raises(ValueError, match=r"the tokenizer has 400 tokens, more than the vocabulary .* \(300\)"):
-        pretrain.main(tiny_args(corpus_file, tmp_path / "out", "--model_name_or_path", str(small),
-                                "--vocab_size", "400"))
+        pretrain.main(run_args(corpus_file, tmp_path / "out", "--model_name_or_path", str(small_model),
+                               "--tokenizer", str(bigger)))
+
+
+def test_continuing_keeps_the_models_own_tokenizer(small_model, tmp_path):
+    other = tmp_path / "other.txt"  # a corpus whose own BPE vocabulary would differ from the model's
+    other.write_text("\n".join(default_corpus()[40:52])[:40_000])
+    out = tmp_path / "continued"
+    pretrain.main(run_args(other, out, "--model_name_or_path", str(small_model), "--max_steps", "1",
+                           "--eval_strategy", "no", "--save_strategy", "no"))
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(small_model).get_vocab()
+    assert json.loads((out / "config.json").read_text())["emb_dim"] == 32  # the model's shape, not default.yaml's
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--emb_dim", "64"], r"--emb_dim cannot apply to --model_name_or_path .*its own shape"),
+        (["--context_length", "16"], r"--context_length cannot apply"),
+        (["--vocab_size", "400"], r"--vocab_size cannot apply"),
+        (["--tokenizer", "bpe"], r"--tokenizer bpe trains a new vocabulary"),
+    ],
+)
+def test_settings_for_a_new_model_are_refused_when_continuing(corpus_file, small_model, tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain.main(run_args(corpus_file, tmp_path / "out", "--model_name_or_path", str(small_model), *flags))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_starting_weights(corpus_file, tmp_path):
+    def starting_weights(seed: str, name: str) -> dict:
+        out = tmp_path / name  # learning rate 0: the saved weights are the ones the model started with
+        pretrain.main(tiny_args(corpus_file, out, "--seed", seed, "--max_steps", "1", "--learning_rate", "0",
+                                "--eval_strategy", "no", "--save_strategy", "no"))
+        return load_file(out / "model.safetensors")
+
+    first, again, other = starting_weights("5", "a"), starting_weights("5", "b"), starting_weights("6", "c")
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    assert not torch.equal(first["model.tok_emb.weight"], other["model.tok_emb.weight"])
 
 
 def test_unknown_config_key_is_named(corpus_file, tmp_path):
@@ -169,6 +228,7 @@ def test_unknown_config_key_is_named(corpus_file, tmp_path):
         pretrain.main(["--config", str(config), *tiny_args(corpus_file, tmp_path / "out")])
 
 
+@pytest.mark.slow
 def test_config_file_values_are_used_and_flags_win(corpus_file, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  n_layers: 3\ntraining:\n  learning_rate: 0.5\n  seed: 7\n")
@@ -179,6 +239,7 @@ def test_config_file_values_are_used_and_flags_win(corpus_file, tmp_path):
     assert (args.learning_rate, args.seed) == (0.5, 9)
 
 
+@pytest.mark.slow
 def test_output_dir_holding_a_model_is_refused(corpus_file, tmp_path):
     out = tmp_path / "out"
     pretrain.main(tiny_args(corpus_file, out, "--max_steps", "1"))

@@ -16,6 +16,7 @@ def make_lm(seed=0, **overrides) -> ScratchGPTForCausalLM:
     return ScratchGPTForCausalLM(ScratchGPTConfig.from_preset("tiny", **{"drop_rate": 0.0, **overrides})).eval()
 
 
+@pytest.mark.slow
 def test_kv_cache_appends_in_place_and_generates_what_dynamic_cache_generates():
     model = make_lm(eos_token_id=None, pad_token_id=0)
     ids = torch.randint(1, 1000, (3, 6))

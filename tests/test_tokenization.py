@@ -1,4 +1,4 @@
-"""Stage 1, tokenization: GPT-2 parity with tiktoken, exact round trips, training, saving and loading."""
+"""Tests of hf_scratchgpt/tokenization.py (chapter 2): GPT-2 parity with tiktoken, exact round trips, training, saving and loading."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Stage 2, data sampling: a text corpus becomes fixed-length training windows, on `datasets`.
+"""Chapter 2, data sampling: a text corpus becomes fixed-length training windows, on `datasets`.
 
 The book's chapter 2 (`GPTDatasetV1`) encodes the whole text and cuts it with a sliding window:
 
@@ -22,14 +22,12 @@ The train/validation split is the book's chapter 5 one: the first 90% of the cha
 rest for validation, before windowing (windows of the two never share a token). `split_corpus(by="documents")`
 shuffles whole documents with a seed instead.
 
-The same loading serves the later stages: `load_text_dataset` (files, `Dataset`, `IterableDataset`, Hub id)
-and `tokenize_dataset` keep other columns such as labels; the SMS spam data and split of chapter 6 and the
-Alpaca prompt format and split of chapter 7 are at the end of this module.
+`load_text_dataset` (files, `Dataset`, `IterableDataset`, Hub id) and `tokenize_dataset` keep other columns
+such as labels, so the later chapters load and tokenize their data with them too (`classification.py`).
 """
 
-import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +35,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import (
-    ClassLabel,
     Dataset,
     DatasetDict,
     Features,
@@ -49,27 +46,21 @@ from datasets import (
 )
 from transformers import PreTrainedTokenizerBase
 
+from ..hub import is_local_path
+
 
 __all__ = [
+    "TextSource",
     "default_corpus",
     "load_text_dataset",
     "tokenize_dataset",
     "pretraining_windows",
     "split_corpus",
-    "load_sms_spam",
-    "sms_spam_splits",
-    "classification_features",
-    "load_instruction_data",
-    "instruction_splits",
-    "format_instruction",
 ]
 
 # What `load_text_dataset` reads: a file or folder path, a list of `Path`s, a list of texts (documents),
 # a `Dataset` or `IterableDataset` with a text column, or a Hub dataset id.
 TextSource = str | os.PathLike | Sequence[str] | Sequence[os.PathLike] | Dataset | IterableDataset
-
-# A `str` with one of these endings names a file (missing or not), never a Hub dataset.
-_TEXT_FILE_SUFFIXES = (".txt", ".text", ".md", ".rst", ".tsv", ".csv", ".json", ".jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,7 +101,7 @@ def load_text_dataset(
         raise ValueError(f"the corpus is a dict of splits {list(source)}: pass one split, e.g. corpus['train']")
     if isinstance(source, (Dataset, IterableDataset)):
         dataset = source
-    elif _is_hub_id(source):
+    elif isinstance(source, str) and not is_local_path(source):  # the project's one rule: see hub.py
         dataset = load_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
     elif isinstance(source, (list, tuple)) and all(isinstance(item, str) for item in source):
         dataset = Dataset.from_dict({text_column: list(source)}, features=_text_features(text_column))
@@ -129,16 +120,6 @@ def load_text_dataset(
         dataset = dataset.to_iterable_dataset()
     _check_text_column(dataset, text_column)
     return dataset
-
-
-def _is_hub_id(source: object) -> bool:
-    """A `str` that names no local file or folder and does not end like a file name."""
-    return (
-        isinstance(source, str)
-        and not os.path.exists(source)
-        and not source.lower().endswith(_TEXT_FILE_SUFFIXES)
-        and not source.startswith((".", "/", "~"))
-    )
 
 
 def _text_files(source: str | os.PathLike | Sequence[os.PathLike]) -> list[Path]:
@@ -358,140 +339,3 @@ def split_corpus(
         train=Dataset.from_dict({text_column: train}, features=features),
         validation=Dataset.from_dict({text_column: validation}, features=features),
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Chapter 6, classification: the SMS Spam Collection
-
-
-SMS_LABELS = ("ham", "spam")  # label ids 0 and 1, as the book maps them
-
-
-def load_sms_spam(path: str | os.PathLike) -> Dataset:
-    """The SMS Spam Collection (`label<TAB>text` lines, no header) as columns `text` and `label` (ham 0, spam 1).
-
-    Every line is one message: 5,574 messages in v.1. (The book reads the file with pandas' default quoting,
-    which joins a few lines that start with a quote; this reads the lines as they are.)
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SMS spam file not found: {path}")
-    texts, labels = [], []
-    with path.open(encoding="utf-8") as lines:  # split at newlines only: a message may hold other separators
-        for number, line in enumerate(lines, start=1):
-            label, tab, text = line.removesuffix("\n").partition("\t")
-            if not tab or label not in SMS_LABELS:
-                expected = "expected 'ham<TAB>text' or 'spam<TAB>text'"
-                raise ValueError(f"{path}, line {number}: {expected}, got {line[:40]!r}")
-            texts.append(text)
-            labels.append(SMS_LABELS.index(label))
-    features = Features({"text": Value("string"), "label": ClassLabel(names=list(SMS_LABELS))})
-    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
-
-
-def sms_spam_splits(
-    dataset: Dataset, *, train_fraction: float = 0.7, validation_fraction: float = 0.1, seed: int = 123
-) -> DatasetDict:
-    """The book's balanced split: as many ham messages as spam ones, shuffled, then 70% / 10% / 20%.
-
-    Draws the same rows as the book's pandas code (`sample(n, random_state=123)`, `sample(frac=1, ...)`),
-    which permutes with numpy's `RandomState(seed)`: 1,045 / 149 / 300 messages from the full collection.
-    """
-    labels = np.asarray(dataset["label"])
-    spam, ham = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    if len(spam) == 0 or len(ham) < len(spam):
-        raise ValueError(
-            f"a balanced split needs at least as many ham as spam messages: {len(ham)} ham, {len(spam)} spam"
-        )
-    ham = ham[np.random.RandomState(seed).permutation(len(ham))[: len(spam)]]  # pandas' sample(n, random_state)
-    balanced = np.concatenate([ham, spam])
-    balanced = balanced[np.random.RandomState(seed).permutation(len(balanced))]  # pandas' sample(frac=1, ...)
-    train_end = int(len(balanced) * train_fraction)
-    validation_end = train_end + int(len(balanced) * validation_fraction)
-    return DatasetDict(
-        train=dataset.select(balanced[:train_end]),
-        validation=dataset.select(balanced[train_end:validation_end]),
-        test=dataset.select(balanced[validation_end:]),
-    )
-
-
-def classification_features(
-    splits: DatasetDict,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    max_length: int | None = None,
-    context_length: int | None = None,
-    text_column: str = "text",
-) -> DatasetDict:
-    """Each split's texts as `input_ids` cut to `max_length` tokens, beside their `label`.
-
-    As the book's `SpamDataset`: with no `max_length`, the longest training text sets it (at most the model's
-    `context_length`), and longer texts are cut to it. The book then pads every text to that length; here a
-    collator pads each batch to its longest text and the model reads the last real token, which gives the same
-    logits with less padding.
-    """
-    if max_length is not None and context_length is not None and max_length > context_length:
-        raise ValueError(f"max_length {max_length} is longer than the model's context_length of {context_length}")
-    tokenized = DatasetDict(
-        {name: tokenize_dataset(split, tokenizer, text_column=text_column) for name, split in splits.items()}
-    )
-    for name, split in tokenized.items():
-        empty = [i for i, ids in enumerate(split["input_ids"]) if not ids]
-        if empty:
-            raise ValueError(f"{name} split, row {empty[0]}: a text with no tokens cannot be classified")
-    if max_length is None:
-        max_length = max(len(ids) for ids in tokenized["train"]["input_ids"])
-        max_length = min(max_length, context_length or max_length)
-    if max_length < 1:
-        raise ValueError(f"max_length must be at least 1, got {max_length}")
-    return tokenized.map(lambda batch: {"input_ids": [ids[:max_length] for ids in batch["input_ids"]]}, batched=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Chapter 7, instruction tuning: Alpaca-style prompts
-
-
-INSTRUCTION_KEYS = ("instruction", "input", "output")
-
-
-def load_instruction_data(path: str | os.PathLike) -> Dataset:
-    """The book's instruction data: a JSON list of `{"instruction", "input", "output"}` entries."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"instruction data file not found: {path}")
-    entries = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a non-empty JSON list of entries")
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or any(not isinstance(entry.get(key), str) for key in INSTRUCTION_KEYS):
-            raise ValueError(f"{path}, entry {index}: expected string fields {list(INSTRUCTION_KEYS)}")
-    return Dataset.from_list([{key: entry[key] for key in INSTRUCTION_KEYS} for entry in entries])
-
-
-def instruction_splits(dataset: Dataset) -> DatasetDict:
-    """The book's chapter 7 split, in file order: 85% train, 10% test, the remaining 5% validation."""
-    train_end = int(len(dataset) * 0.85)
-    test_end = train_end + int(len(dataset) * 0.1)
-    return DatasetDict(
-        train=dataset.select(range(train_end)),
-        test=dataset.select(range(train_end, test_end)),
-        validation=dataset.select(range(test_end, len(dataset))),
-    )
-
-
-def format_instruction(entry: Mapping[str, str], *, with_response: bool = True) -> str:
-    """An entry in the Alpaca prompt format of the book's chapter 7.
-
-    `with_response=False` gives the book's `format_input(entry)`, the prompt a model answers; the default
-    appends `"\\n\\n### Response:\\n" + output`, the full text of a training example.
-    """
-    text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry['instruction']}"
-    )
-    if entry["input"]:
-        text += f"\n\n### Input:\n{entry['input']}"
-    if with_response:
-        text += f"\n\n### Response:\n{entry['output']}"
-    return text

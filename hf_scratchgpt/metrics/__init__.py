@@ -1,4 +1,4 @@
-"""Stage 7, metrics: `evaluate` modules shipped with the package, so that they load without the Hub.
+"""Chapters 6 and 7, metrics: `evaluate` modules shipped with the package, so that they load without the Hub.
 
 `evaluate.load("accuracy")` fetches its script from the Hub; `load_metric("accuracy")` loads the copy here.
 """

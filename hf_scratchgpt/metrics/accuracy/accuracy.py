@@ -1,4 +1,4 @@
-"""Stage 7, classification metrics: accuracy (the book's chapter 6 measure) as an offline `evaluate` module."""
+"""Chapter 6, classification metrics: accuracy (the book's measure) as an offline `evaluate` module."""
 
 import datasets
 import evaluate

@@ -1,0 +1,271 @@
+"""Chapters 5 to 7, the recipes: the skeleton that pretraining, classification and instruction tuning share.
+
+A recipe is only its own steps between a common start and a common ending:
+
+    run = start_recipe("pretrain", (ModelArguments, DataArguments), argv, default_config=DEFAULT_CONFIG)
+    ...  # data, tokenizer, model: built after start_recipe seeded, so --seed decides the starting weights
+    trainer = ScratchGPTTrainer(model=model, args=run.training, ...)
+    metrics = finish_recipe(trainer, run)
+
+- `start_recipe` reads typed arguments (the recipe's dataclasses, `RecipeArguments` and transformers'
+  `TrainingArguments`) from an optional YAML file and command-line flags, then does every check that needs no
+  work: paths that must exist, the output folder, the checkpoint to resume from. Then it seeds, as the book does
+  before building a model.
+- `finish_recipe` is the common ending: train (resumable) -> save -> log and save metrics -> evaluate (and test)
+  -> save state -> model card -> push to the Hub.
+- `run_recipe(main)` runs a recipe's `main`: bad input becomes one line on stderr and exit status 2.
+
+YAML files come in sections (`model:`, `data:`, `training:`), which are flattened; an unknown key or flag is an
+error that names it. Flags win over the file.
+"""
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.integrations import is_tensorboard_available
+from transformers.trainer_utils import get_last_checkpoint
+
+from .hub import check_local_path
+
+
+@dataclass
+class RecipeArguments:
+    """What every recipe takes besides its own arguments and `TrainingArguments`."""
+
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "eager (the book's math written out) or sdpa (PyTorch's fused kernel)."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Write over a model in output_dir."})
+    tensorboard: bool = field(default=True, metadata={"help": "Log to TensorBoard when it is installed."})
+
+
+@dataclass
+class RecipeRun:
+    """A recipe's parsed arguments and what `start_recipe` found out before any work."""
+
+    args: tuple  # the recipe's own argument dataclasses, in the order it gave them
+    common: RecipeArguments
+    training: TrainingArguments
+    checkpoint: str | None  # the checkpoint folder to resume from, or None
+    given: frozenset[str]  # the settings the user chose, by flag or in a --config file (not the recipe's defaults)
+
+
+def start_recipe(
+    name: str, arg_types: Sequence[type], argv: Sequence[str] | None = None, *, default_config=None
+) -> RecipeRun:
+    """Parse and check a recipe's arguments, then seed: everything a recipe does before its own work.
+
+    The paths each dataclass lists in its `PATHS` class variable are checked (see `check_paths`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    *own, common, training = parse_recipe_args(
+        (*arg_types, RecipeArguments, TrainingArguments),
+        argv,
+        default_config=default_config,
+        # On a machine with no accelerator, this also makes several processes one DDP group over gloo.
+        defaults=dict(use_cpu=not torch.accelerator.is_available(), ddp_find_unused_parameters=False),
+    )
+    print(f"{name}: process {training.process_index} of world size {training.world_size}")
+    for args in own:
+        check_paths(args)
+    check_output_dir(training, common.overwrite_output_dir)
+    checkpoint = resolve_checkpoint(training)
+    if common.tensorboard and training.report_to in ([], ["none"], "none") and is_tensorboard_available():
+        training.report_to = ["tensorboard"]
+    set_seed(training.seed)  # before any model is built: the same seed, the same starting weights
+    known = {f.name for cls in (*arg_types, RecipeArguments, TrainingArguments) for f in dataclasses.fields(cls)}
+    return RecipeRun(tuple(own), common, training, checkpoint, given_settings(argv, known))
+
+
+def finish_recipe(
+    trainer: Trainer,
+    run: RecipeRun,
+    *,
+    test_dataset=None,
+    before_save: Callable[[Trainer], None] | None = None,
+) -> dict:
+    """The common ending: train (from `run.checkpoint` if any), save, evaluate, write the card, push.
+
+    `before_save(trainer)` runs between training and saving (the LoRA recipes merge their adapters there).
+    Returns the evaluation metrics, with `test_*` ones when a `test_dataset` is given.
+    """
+    train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
+    if before_save is not None:
+        before_save(trainer)
+    trainer.save_model()  # weights, config with auto_map, code files, tokenizer, generation config
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate()
+    if test_dataset is not None:
+        metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        trainer.create_model_card()
+    if run.training.push_to_hub:
+        trainer.push_to_hub()
+    return metrics
+
+
+def run_recipe(main: Callable[[], object]) -> None:
+    """Run a recipe's `main`; bad input (ValueError, OSError) becomes one line and exit status 2.
+
+    Set `HF_SCRATCHGPT_TRACEBACK=1` to see the whole traceback instead. Under `torchrun` or `accelerate launch`
+    the process group is destroyed before the interpreter exits: gloo's worker threads otherwise can abort the
+    process (SIGABRT, "terminate called without an active exception") after a run that succeeded.
+    """
+    try:
+        main()
+    except (ValueError, OSError) as err:  # OSError: files, and models or tokenizers the Hub cannot give
+        if os.environ.get("HF_SCRATCHGPT_TRACEBACK") == "1":
+            raise
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments: the recipe's defaults, then a YAML file, then flags
+
+
+def parse_recipe_args(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, default_config=None, defaults=None
+):
+    """Instances of `dataclass_types` from, by rising precedence: the recipe's `defaults`, `--config FILE` (or
+    `default_config` when no `--config` is given), and the flags in `argv` (default `sys.argv[1:]`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, argv = _pop_option(argv, "--config")
+    config_path = config_path or default_config
+    parser = HfArgumentParser(dataclass_types)
+    parser.set_defaults(**(defaults or {}))
+    if config_path is not None:
+        known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}
+        parser.set_defaults(**read_config(config_path, known))
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise ValueError(f"unknown option(s): {' '.join(remaining)}")
+    return tuple(parsed)
+
+
+def read_config(path, known: set[str]) -> dict:
+    """A recipe YAML file as one flat dict; a key that no argument has is an error naming it and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    content = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(content).__name__}")
+    flat = {}
+    for key, value in content.items():
+        if isinstance(value, dict) and key not in known:  # a section
+            for inner, inner_value in value.items():
+                flat[inner] = (f"{key}.{inner}", inner_value)
+        else:
+            flat[key] = (key, value)
+    unknown = [where for name, (where, _) in flat.items() if name not in known]
+    if unknown:
+        raise ValueError(f"{path}: unknown config key(s): {', '.join(unknown)}")
+    return {name: value for name, (_, value) in flat.items()}
+
+
+def given_settings(argv: Sequence[str], known: set[str]) -> frozenset[str]:
+    """The settings named by the flags in `argv` and by the keys of its `--config` file, if any."""
+    config_path, argv = _pop_option(list(argv), "--config")
+    given = set(read_config(config_path, known)) if config_path else set()
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0]
+            given.add(name if name in known else name.removeprefix("no_"))  # --no_tensorboard sets tensorboard
+    return frozenset(given)
+
+
+def _pop_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{flag} needs a value")
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return None, argv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks before any work
+
+
+def check_paths(args) -> None:
+    """Every path that a dataclass of arguments names in its `PATHS` must exist, checked before any work.
+
+    `PATHS` maps a field to "local" (a file or folder that must exist) or "hub" (a local path that must exist, or
+    a Hub id; see `hf_scratchgpt.hub`). A field may hold a list of them.
+    """
+    for name, kind in getattr(args, "PATHS", {}).items():
+        value = getattr(args, name)
+        for path in value if isinstance(value, (list, tuple)) else [value] if value else []:
+            if kind == "hub":
+                check_local_path(f"--{name}", path)
+            elif not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"--{name} {path}: no such file or folder")
+
+
+def check_output_dir(training_args: TrainingArguments, overwrite: bool) -> None:
+    """Refuse to write over a model already saved in output_dir, unless resuming or told to."""
+    output_dir = Path(training_args.output_dir)
+    if training_args.resume_from_checkpoint or overwrite or not (output_dir / "config.json").exists():
+        return
+    raise ValueError(
+        f"output_dir {output_dir} already holds a model (config.json): pass --overwrite_output_dir to replace it, "
+        "--resume_from_checkpoint to continue its run, or choose another --output_dir"
+    )
+
+
+def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint` as a folder: a path as given, or `last` (also `true`) for output_dir's newest."""
+    wanted = training_args.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if str(wanted).lower() in ("last", "latest", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {wanted}: no checkpoint-* folder in {training_args.output_dir}")
+        return last
+    if not os.path.isdir(wanted):
+        raise FileNotFoundError(f"--resume_from_checkpoint {wanted} is not a folder")
+    return wanted
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model, where: str) -> None:
+    """A tokenizer must not make ids the model has no embedding for."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the vocabulary of {where} "
+            f"({model.config.vocab_size}): use the model's own tokenizer (leave out --tokenizer)"
+        )
+
+
+__all__ = [
+    "RecipeArguments",
+    "RecipeRun",
+    "check_output_dir",
+    "check_paths",
+    "check_vocabulary",
+    "finish_recipe",
+    "given_settings",
+    "parse_recipe_args",
+    "read_config",
+    "resolve_checkpoint",
+    "run_recipe",
+    "start_recipe",
+]
