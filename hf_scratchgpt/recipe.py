@@ -246,6 +246,21 @@ def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
     return wanted
 
 
+def check_enough_data(splits, training_args: TrainingArguments, examples: str, smaller: str) -> None:
+    """The training split must fill one batch on every process, and the validation split hold an example.
+
+    `examples` names what the rows are ("windows of 128 tokens"); `smaller` is the flag that makes more of them.
+    """
+    batch = training_args.per_device_train_batch_size * training_args.world_size
+    if len(splits["train"]) < batch:
+        raise ValueError(
+            f"the training data gives {len(splits['train'])} {examples}, fewer than one batch of {batch}: use more "
+            f"data, a smaller {smaller} or --per_device_train_batch_size"
+        )
+    if len(splits["validation"]) == 0:
+        raise ValueError(f"the validation data gives no {examples.split()[0]}: raise --validation_fraction")
+
+
 def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model, where: str) -> None:
     """A tokenizer must not make ids the model has no embedding for."""
     if len(tokenizer) > model.config.vocab_size:
@@ -258,6 +273,7 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, model, where: str) -> N
 __all__ = [
     "RecipeArguments",
     "RecipeRun",
+    "check_enough_data",
     "check_output_dir",
     "check_paths",
     "check_vocabulary",

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
 from hf_scratchgpt.data import default_corpus, load_text_dataset, pretraining_windows, split_corpus
-from hf_scratchgpt.recipe import check_vocabulary, finish_recipe, run_recipe, start_recipe
+from hf_scratchgpt.recipe import check_enough_data, check_vocabulary, finish_recipe, run_recipe, start_recipe
 from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
 from hf_scratchgpt.training import LossPlotCallback, SampleGenerationCallback, ScratchGPTTrainer, generate_sample
 
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
         model = build_model(model_args, tokenizer, run.common.attn_implementation)
         context = model.config.context_length
         windows = pretraining_windows(corpus, tokenizer, context, data_args.stride, num_proc=data_args.num_proc)
-    check_enough_windows(windows, training_args, context)
+    check_enough_data(windows, training_args, f"windows of {context} tokens", "--context_length")
 
     trainer = ScratchGPTTrainer(
         model=model,
@@ -206,18 +206,6 @@ def build_model(model_args: ModelArguments, tokenizer, attn_implementation: str)
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     return model
-
-
-def check_enough_windows(windows, training_args: TrainingArguments, context: int) -> None:
-    """A corpus must fill one batch of training windows and one validation window."""
-    batch = training_args.per_device_train_batch_size * training_args.world_size
-    if len(windows["train"]) < batch:
-        raise ValueError(
-            f"the training corpus gives {len(windows['train'])} windows of {context} tokens, fewer than one batch of "
-            f"{batch}: use more text, a smaller --context_length or --per_device_train_batch_size"
-        )
-    if len(windows["validation"]) == 0:
-        raise ValueError("the validation part of the corpus gives no window: raise --validation_fraction")
 
 
 if __name__ == "__main__":
