@@ -54,6 +54,7 @@ class FinetuningArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (appendix E: 16)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scale alpha; the update is alpha / r * B A."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
+    drop_rate: float | None = field(default=None, metadata={"help": "The model's dropout; default: the checkpoint's."})
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE:
@@ -78,14 +79,18 @@ def load_pretrained(
     converted = ScratchGPTForCausalLM.from_gpt2(name_or_path)
     attn_implementation = config_overrides.pop("attn_implementation", None)
     converted.config.update(config_overrides)
-    if model_class is ScratchGPTForCausalLM:
-        model = converted
-    else:
-        model = model_class(converted.config)
-        model.model.load_state_dict(converted.model.state_dict())
+    model = model_class(converted.config)  # built anew, so that overrides such as drop_rate reach every layer
+    model.model.load_state_dict(converted.model.state_dict())
+    if isinstance(model, ScratchGPTForCausalLM) and not model.config.tie_word_embeddings:
+        model.lm_head.load_state_dict(converted.lm_head.state_dict())
     if attn_implementation:
         model.set_attn_implementation(attn_implementation)
     return model
+
+
+def config_overrides(args: "FinetuningArguments") -> dict:
+    """The config fields that `args` sets on the loaded model (its dropout, when given)."""
+    return {} if args.drop_rate is None else {"drop_rate": args.drop_rate}
 
 
 def load_tokenizer(args: FinetuningArguments) -> PreTrainedTokenizerBase:
@@ -135,6 +140,7 @@ def trainable_summary(model) -> str:
 
 __all__ = [
     "FinetuningArguments",
+    "config_overrides",
     "load_pretrained",
     "load_tokenizer",
     "merge_adapters",

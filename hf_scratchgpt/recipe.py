@@ -102,7 +102,7 @@ def finish_recipe(
     trainer.save_model()  # weights, config with auto_map, code files, tokenizer, generation config
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if test_dataset is not None:
         metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
     trainer.log_metrics("eval", metrics)

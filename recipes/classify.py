@@ -23,6 +23,7 @@ from hf_scratchgpt import ScratchGPTForSequenceClassification
 from hf_scratchgpt.data import SMS_LABELS, classification_features, load_sms_spam, sms_spam_splits
 from hf_scratchgpt.finetuning import (
     FinetuningArguments,
+    config_overrides,
     load_pretrained,
     load_tokenizer,
     merge_adapters,
@@ -68,6 +69,7 @@ def main(argv=None) -> dict:
         label2id={label: i for i, label in enumerate(SMS_LABELS)},
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation=run.common.attn_implementation,
+        **config_overrides(model_args),
     )
     check_vocabulary(tokenizer, model, model_args.model_name_or_path)
     features = classification_features(
