@@ -29,7 +29,10 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_scratchgpt import ScratchGPTConfig
 from .speedups_scratchgpt import DecodeLinear, KVCache, chunked_causal_lm_loss
@@ -160,7 +163,7 @@ class ScratchGPTBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_out, _ = self.att(self.norm1(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs)
         hidden_states = hidden_states + self.drop_shortcut(attn_out)
@@ -188,6 +191,9 @@ class ScratchGPTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # What `capture_outputs` records with forward hooks when asked for `output_hidden_states` / `output_attentions`:
+    # each block's output, and the second output of each attention (its weights; None from kernels such as sdpa).
+    _can_record_outputs = {"hidden_states": ScratchGPTBlock, "attentions": MultiHeadAttention}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -260,6 +266,8 @@ class ScratchGPTModel(ScratchGPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.tok_emb = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers' models: warn, then use it
+    @capture_outputs  # hidden states and attentions by hooks (`_can_record_outputs`), and `return_dict=False`
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -268,32 +276,25 @@ class ScratchGPTModel(ScratchGPTPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
+        _check_kwargs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("ScratchGPTModel takes exactly one of input_ids or inputs_embeds")
         if use_cache is None:  # a cache serves generation; training has no use for one
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
         if inputs_embeds is None:
             inputs_embeds = self.tok_emb(input_ids)  # (B, T, C)
         if use_cache and cache is None:
             cache = KVCache()
 
-        past_len = cache.get_seq_length() if cache is not None else 0
-        seq_len = inputs_embeds.shape[1]
-        if past_len + seq_len > self.config.context_length:
-            raise ValueError(
-                f"ScratchGPT got a sequence of {past_len + seq_len} tokens ({past_len} cached + {seq_len} new), "
-                f"longer than its context_length of {self.config.context_length}; truncate the input"
-            )
         if position_ids is None:
-            position_ids = _position_ids(attention_mask, past_len, seq_len, inputs_embeds.device)
+            past_len = cache.get_seq_length() if cache is not None else 0  # a tensor in a StaticCache
+            position_ids = _position_ids(attention_mask, past_len, inputs_embeds.shape[1], inputs_embeds.device)
+        if not torch.compiler.is_compiling():  # a branch on tensor values: no graph can hold it
+            _check_context_length(position_ids, self.config.context_length)
 
         causal_mask = create_causal_mask(
             config=self.config,
@@ -303,29 +304,39 @@ class ScratchGPTModel(ScratchGPTPreTrainedModel):
             position_ids=position_ids,
         )
         hidden_states = self.drop_emb(inputs_embeds + self.pos_emb(position_ids))
-
-        all_hidden_states = () if output_hidden_states else None
         for block in self.trf_blocks:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
             hidden_states = block(hidden_states, attention_mask=causal_mask, cache=cache, **kwargs)
         hidden_states = self.final_norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
+
+def _check_kwargs(kwargs: dict) -> None:
+    """Refuse a keyword no part of ScratchGPT reads, as Python does for a plain function: the blocks take `**kwargs`
+    only for transformers' model-agnostic ones (`TransformersKwargs`: output flags, flash attention's packed-sequence
+    lengths, ...), so anything else would be dropped without a word."""
+    unknown = kwargs.keys() - TransformersKwargs.__optional_keys__
+    if unknown:
+        raise TypeError(f"ScratchGPT's forward() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+
+
+def _check_context_length(position_ids: torch.Tensor, context_length: int) -> None:
+    """Refuse positions past the last of `pos_emb`, with a message instead of an index error. Positions, not tokens:
+    sequences packed into one row (padding-free training) restart their positions, and may hold more tokens."""
+    longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
+    if longest > context_length:
+        raise ValueError(
+            f"ScratchGPT got a sequence of {longest} tokens (positions 0 to {longest - 1}), longer than its "
+            f"context_length of {context_length}; truncate the input"
         )
 
 
-def _position_ids(attention_mask: torch.Tensor | None, past_len: int, seq_len: int, device) -> torch.Tensor:
+def _position_ids(attention_mask: torch.Tensor | None, past_len, seq_len: int, device) -> torch.Tensor:
     """Positions of the new tokens, counted over real tokens only: a left-padded row starts at position 0 at its
-    first real token, so it reads exactly as it would alone (GPT-2's absolute positions need this)."""
+    first real token, so it reads exactly as it would alone (GPT-2's absolute positions need this). `past_len` is
+    an int, or a 0-d tensor in a `StaticCache`."""
     if attention_mask is not None and attention_mask.ndim == 2:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # (B, T)
-    return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)  # (1, T)
+    return (torch.arange(seq_len, device=device) + past_len).unsqueeze(0)  # (1, T)
 
 
 class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
@@ -356,6 +367,7 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
         if users_cache is None and type(cache) is DynamicCache and not cache.offloading:
             model_kwargs["cache"] = KVCache()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -367,14 +379,18 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """`labels` are the input ids themselves (-100 where no loss is wanted): the loss shifts them by one.
+        A `shift_labels` keyword, the targets already shifted (what sequence-parallel training passes), replaces
+        them. It is not a named parameter: Trainer takes every parameter named `*label*` for a label it must find in
+        each batch.
 
         In training mode with labels, the loss is computed chunk by chunk (`config.loss_chunk_size`) and no logits
         are returned; set `loss_chunk_size=0` to get them.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -385,13 +401,21 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        has_targets = labels is not None or shift_labels is not None
         chunked = self.config.loss_chunk_size > 0 and self.training and torch.is_grad_enabled()
-        if labels is not None and chunked and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        if has_targets and chunked and isinstance(logits_to_keep, int) and logits_to_keep == 0:
             # Training: the loss without (B, T, vocab) logits, which are then not returned.
             loss = chunked_causal_lm_loss(
-                hidden_states, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items_in_batch
+                hidden_states,
+                self.lm_head.weight,
+                labels,
+                self.config.loss_chunk_size,
+                num_items_in_batch,
+                shift_labels=shift_labels,
             )
-            return CausalLMOutputWithPast(loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states)
+            return CausalLMOutputWithPast(
+                loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            )
 
         if isinstance(logits_to_keep, int):  # generate() asks for the last position only
             hidden_states = hidden_states[:, -logits_to_keep:, :]
@@ -400,12 +424,20 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)  # (B, T, vocab)
 
         loss = None
-        if labels is not None:
+        if has_targets:
             loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+                logits,
+                labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=shift_labels,
             )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     # GPT-2 and book checkpoints in and out; the mapping of names lives in conversion.py.
@@ -482,7 +514,7 @@ class ScratchGPTForSequenceClassification(ScratchGPTPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("use_cache", None)
@@ -509,7 +541,9 @@ class ScratchGPTForSequenceClassification(ScratchGPTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, num_items_in_batch=num_items_in_batch)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 __all__ = [

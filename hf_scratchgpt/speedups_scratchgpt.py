@@ -151,15 +151,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def chunked_causal_lm_loss(hidden_states, weight, labels, chunk_size, num_items_in_batch=None) -> torch.Tensor:
+def chunked_causal_lm_loss(
+    hidden_states, weight, labels, chunk_size, num_items_in_batch=None, shift_labels=None
+) -> torch.Tensor:
     """The causal LM loss (mean over non-ignored next-token targets, or sum / `num_items_in_batch` when gradient
-    accumulation gives it) computed by `ChunkedLinearCrossEntropy`. Labels are shifted here, as transformers does."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1; the last predicts nothing
+    accumulation gives it) computed by `ChunkedLinearCrossEntropy`. Labels are shifted here, as transformers does,
+    unless `shift_labels` gives the targets already aligned with the positions (sequence/context parallelism shifts
+    the whole sequence before splitting it); `labels` is then unused."""
+    targets = shift_labels
+    if targets is None:  # position t predicts token t + 1; the last predicts nothing
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * T, C)
     loss_sum = ChunkedLinearCrossEntropy.apply(hidden, weight, targets.reshape(-1), chunk_size)
     denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return loss_sum / denominator
-
 
 
 __all__ = ["ChunkedLinearCrossEntropy", "DecodeLinear", "KVCache", "KVCacheLayer", "chunked_causal_lm_loss"]

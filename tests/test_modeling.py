@@ -294,3 +294,100 @@ def test_book_init_scheme_is_pytorchs_default_and_survives_loading(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="ScratchGPTConfig.init_scheme"):
         tiny(init_scheme="xavier")
+
+
+# transformers' generic model interface (issue 14; the generic tests themselves are in test_transformers_common.py).
+
+
+@pytest.mark.parametrize("model_class", [ScratchGPTModel, ScratchGPTForCausalLM, ScratchGPTForSequenceClassification])
+def test_attentions_hidden_states_and_tuples_as_transformers_models_return_them(model_class):
+    torch.manual_seed(0)
+    model = model_class(tiny(num_labels=2, attn_implementation="eager")).eval()
+    ids = torch.randint(1, 1000, (2, 6))
+    out = model(ids, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 6, 6)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, 6))  # softmax rows
+    assert len(out.hidden_states) == 3
+    as_tuple = model(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    first = out.last_hidden_state if model_class is ScratchGPTModel else out.logits
+    torch.testing.assert_close(as_tuple[0], first)
+
+
+def test_generate_returns_attentions_and_hidden_states_of_each_step():
+    model = make_lm(eos_token_id=None, attn_implementation="eager")
+    ids = torch.randint(1, 1000, (2, 5))
+    out = model.generate(
+        ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_attentions=True,
+        output_hidden_states=True,
+    )
+    assert len(out.attentions) == len(out.hidden_states) == 3  # one per generated token
+    assert out.attentions[0][0].shape == (2, 4, 5, 5) and out.attentions[-1][0].shape == (2, 4, 1, 7)
+    assert len(out.hidden_states[0]) == 3
+
+
+def test_past_key_values_is_the_deprecated_name_of_cache():
+    from hf_scratchgpt.modeling_scratchgpt import KVCache
+
+    model = make_lm()
+    ids = torch.randint(1, 1000, (1, 6))
+    expected = model(ids, cache=KVCache(), use_cache=True)
+    for forward in (model, model.model):
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            out = forward(ids, past_key_values=KVCache(), use_cache=True)
+        assert out.cache.get_seq_length() == 6
+    torch.testing.assert_close(out.last_hidden_state, model.model(ids).last_hidden_state)
+    torch.testing.assert_close(model(ids, past_key_values=KVCache()).logits, expected.logits)
+
+
+@pytest.mark.parametrize("model_class", [ScratchGPTModel, ScratchGPTForCausalLM, ScratchGPTForSequenceClassification])
+def test_unknown_keyword_is_an_error(model_class):
+    model = model_class(tiny(num_labels=2)).eval()
+    with pytest.raises(TypeError, match="unexpected keyword arguments: token_type_ids"):
+        model(torch.randint(1, 1000, (1, 4)), token_type_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss_chunk_size", [0, 5])
+def test_shift_labels_replace_labels_in_the_plain_and_the_chunked_loss(loss_chunk_size):
+    model = make_lm(loss_chunk_size=loss_chunk_size).train()
+    x = torch.randint(0, 1000, (2, 10))
+    shifted = F.pad(x[:, 1:], (0, 1), value=-100)
+    reference = model(x, labels=x).loss  # labels shifted inside
+    torch.testing.assert_close(model(x, shift_labels=shifted).loss, reference)
+    torch.testing.assert_close(model(x, labels=torch.zeros_like(x), shift_labels=shifted).loss, reference)
+    other = torch.randint(0, 1000, (2, 10))
+    assert not torch.equal(model(x, labels=x, shift_labels=other).loss, reference)
+
+
+def test_trainer_finds_labels_as_its_only_label_name():
+    from transformers.utils import find_labels
+
+    # Trainer reads every forward parameter named `*label*` as a label each batch must carry, or skips the eval loss.
+    assert find_labels(ScratchGPTForCausalLM) == ["labels"]
+
+
+def test_context_length_counts_positions_so_packed_sequences_pass():
+    model = make_lm()  # context_length 64
+    packed = torch.randint(1, 1000, (1, 100))  # two sequences of 50 tokens, one row, no padding
+    positions = torch.cat([torch.arange(50), torch.arange(50)])[None]
+    assert model(packed, position_ids=positions).logits.shape == (1, 100, 1000)
+    with pytest.raises(ValueError, match="65 tokens .* context_length of 64"):
+        model(packed[:, :65], position_ids=torch.arange(65)[None])
+
+
+@pytest.mark.slow
+def test_static_cache_compiles_in_one_graph_and_the_model_exports():
+    from transformers import StaticCache
+
+    model = make_lm(attn_implementation="sdpa")
+    ids = torch.randint(0, 1000, (2, 8))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        explained = torch._dynamo.explain(model)(ids, cache=StaticCache(config=model.config, max_cache_len=16))
+        assert explained.graph_break_count == 0
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        torch.testing.assert_close(compiled(ids[:, :7], cache=cache).logits, expected[:, :7])
+        torch.testing.assert_close(compiled(ids[:, 7:], cache=cache).logits, expected[:, 7:], atol=1e-5, rtol=1e-5)
+        exported = torch.export.export(model, (ids,), {"use_cache": False})
+        torch.testing.assert_close(exported.module()(ids, use_cache=False).logits, expected)
