@@ -105,8 +105,9 @@ def finish_recipe(
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if test_dataset is not None:
         metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
+    if metrics:
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
     trainer.save_state()
     if trainer.is_world_process_zero():
         trainer.create_model_card()

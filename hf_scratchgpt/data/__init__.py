@@ -9,7 +9,21 @@ Every name is also importable from `hf_scratchgpt.data` itself.
 """
 
 from .classification import SMS_LABELS, classification_features, load_sms_spam, sms_spam_splits
-from .instruction import INSTRUCTION_KEYS, format_instruction, instruction_splits, load_instruction_data
+from .instruction import (
+    CHAT_ROLES,
+    CHAT_TEMPLATE,
+    INSTRUCTION_KEYS,
+    InstructionCollator,
+    InstructionSource,
+    add_chat_template,
+    format_instruction,
+    instruction_splits,
+    load_instruction_data,
+    render_prompt,
+    response_text,
+    to_messages,
+    tokenize_instructions,
+)
 from .pretraining import (
     TextSource,
     default_corpus,
@@ -35,4 +49,13 @@ __all__ = [
     "load_instruction_data",
     "instruction_splits",
     "format_instruction",
+    "InstructionSource",
+    "CHAT_ROLES",
+    "CHAT_TEMPLATE",
+    "to_messages",
+    "render_prompt",
+    "response_text",
+    "add_chat_template",
+    "tokenize_instructions",
+    "InstructionCollator",
 ]
