@@ -90,11 +90,14 @@ def finish_recipe(
     *,
     test_dataset=None,
     before_save: Callable[[Trainer], None] | None = None,
+    after_evaluate: Callable[[Trainer], dict] | None = None,
 ) -> dict:
     """The common ending: train (from `run.checkpoint` if any), save, evaluate, write the card, push.
 
     `before_save(trainer)` runs between training and saving (the LoRA recipes merge their adapters there).
-    Returns the evaluation metrics, with `test_*` ones when a `test_dataset` is given.
+    `after_evaluate(trainer)` returns more metrics (instruction tuning scores its answers there), saved and put on
+    the model card with the others. Returns the evaluation metrics, with `test_*` ones when a `test_dataset` is
+    given.
     """
     train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
     if before_save is not None:
@@ -105,6 +108,11 @@ def finish_recipe(
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if test_dataset is not None:
         metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
+    if after_evaluate is not None:
+        more = after_evaluate(trainer)
+        if more:
+            trainer.log(more)  # into the log history, which the model card reads
+            metrics.update(more)
     if metrics:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)

@@ -115,13 +115,16 @@ def main(argv=None) -> dict:
             f"trainable: {model_args.trainable}) with `recipes/instruct.py` of hf_scratchgpt.",
         ),
     )
-    # The validation loss before tuning, to compare with the one after.
-    before = trainer.evaluate(metric_key_prefix="base") if run.checkpoint is None and features["validation"] is not None else {}
-    metrics = {**before, **finish_recipe(trainer, run, before_save=merge_adapters)}
-    if trainer.is_world_process_zero() and len(splits["test"]):
-        metrics.update(evaluate_answers(trainer.model, tokenizer, splits["test"], data_args, run))
-        trainer.log(metrics)  # into the log history, so that the model card shows the scores
-        trainer.create_model_card()
+    before = {}  # the validation loss before tuning, to compare with the one after
+    if run.checkpoint is None and features["validation"] is not None:
+        before = trainer.evaluate(metric_key_prefix="base")
+    metrics = finish_recipe(
+        trainer,
+        run,
+        before_save=merge_adapters,
+        after_evaluate=lambda trainer: {**before, **answer_and_score(trainer, splits["test"], data_args, run)},
+    )
+    if trainer.is_world_process_zero():
         Path(run.training.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
         print_table(metrics)
     return metrics
@@ -140,9 +143,15 @@ def load_splits(data_args: DataArguments) -> dict:
     }
 
 
-def evaluate_answers(model, tokenizer, test, data_args: DataArguments, run) -> dict:
-    """Answer the test instructions, save them in test-responses.json, score them, and ask the judge if there is one."""
-    answered = answer_instructions(model, tokenizer, list(test), max_new_tokens=data_args.max_new_tokens,
+def answer_and_score(trainer, test, data_args: DataArguments, run) -> dict:
+    """Answer the test instructions into test-responses.json, score them, and ask the judge if there is one.
+
+    The first process answers; the others wait for it at the end of `finish_recipe`.
+    """
+    if not trainer.is_world_process_zero() or len(test) == 0:
+        return {}
+    answered = answer_instructions(trainer.model, trainer.processing_class, list(test),
+                                   max_new_tokens=data_args.max_new_tokens,
                                    batch_size=run.training.per_device_eval_batch_size)
     Path(run.training.output_dir, "test-responses.json").write_text(json.dumps(answered, indent=2))
     scores = {f"test_{name}": value for name, value in score_responses(answered).items()}
@@ -153,7 +162,9 @@ def evaluate_answers(model, tokenizer, test, data_args: DataArguments, run) -> d
                 else LocalJudge(data_args.judge_model_path, max_new_tokens=8)
             )
             judged = judge_responses(answered, judge)
-            scores.update(test_judge_mean_score=judged["judge_mean_score"], test_judge_unparsed=judged["judge_unparsed"])
+            scores["test_judge_unparsed"] = judged["judge_unparsed"]  # replies without a score
+            if judged["judge_mean_score"] is not None:
+                scores["test_judge_mean_score"] = judged["judge_mean_score"]
         except JudgeUnavailable as err:  # the answers and the other scores are saved all the same
             print(f"instruct: judge skipped: {err}")
     return scores

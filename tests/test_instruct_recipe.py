@@ -149,9 +149,9 @@ def test_the_judge_is_a_model_served_by_transformers_serve(base_model, book_data
     with served_model(exported) as url:
         metrics = instruct.main(run_args(base_model, book_data, tmp_path / "run", "--test_file", str(test),
                                          "--judge_url", f"{url}/v1", "--judge_model", str(exported)))
-    # A random judge rarely answers with a number: every reply is scored or counted as unparsed.
-    assert metrics["test_judge_unparsed"] + (metrics["test_judge_mean_score"] is not None) >= 1
-    assert metrics["test_judge_unparsed"] <= 3
+    # A random judge rarely answers with a number: the 3 replies are scored (a mean) or counted as unparsed.
+    assert 0 <= metrics["test_judge_unparsed"] <= 3
+    assert metrics["test_judge_unparsed"] == 3 or 0 <= metrics["test_judge_mean_score"] <= 100
 
 
 @pytest.mark.parametrize(
