@@ -111,8 +111,7 @@ def packing_throughput(base: str, data_file: Path, steps: int, batch_size: int =
     useful = sum(len(example["input_ids"]) for example in examples)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     collators = {
-        packing: InstructionCollator(tokenizer.pad_token_id, packing=packing, max_length=model.config.context_length)
-        for packing in (False, True)
+        packing: InstructionCollator(tokenizer.pad_token_id, packing=packing) for packing in (False, True)
     }
     times = {False: [], True: []}
     for _ in range(rounds + 1):  # the first round warms up

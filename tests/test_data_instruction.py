@@ -417,7 +417,7 @@ def test_collator_needs_prompt_length_only_to_mask_the_prompt():
 
 @pytest.mark.parametrize("mask_prompt", [False, True])
 def test_packing_puts_the_batch_in_one_row(mask_prompt):
-    packed = InstructionCollator(EOS, mask_prompt=mask_prompt, packing=True)(FEATURES)
+    packed = InstructionCollator(EOS, mask_prompt=mask_prompt, packing=True, row_length=64)(FEATURES)
     assert set(packed) == {"input_ids", "position_ids", "labels", "use_cache"}  # padding-free: no attention mask
     assert packed["use_cache"] is False  # a KV cache would hide the packing from transformers' masks
     assert packed["input_ids"].tolist() == [[1, 2, 3, 4, EOS, 5, 6, EOS]]
@@ -432,7 +432,7 @@ def test_packing_puts_the_batch_in_one_row(mask_prompt):
 
 
 def test_packing_pads_with_an_example_of_its_own():
-    packed = InstructionCollator(EOS, packing=True, pad_to_multiple_of=5)(FEATURES)
+    packed = InstructionCollator(EOS, packing=True, row_length=64, pad_to_multiple_of=5)(FEATURES)
     assert packed["input_ids"].tolist() == [[1, 2, 3, 4, EOS, 5, 6, EOS, EOS, EOS]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1]]
     assert packed["labels"][0, 8:].tolist() == [X, X]
@@ -448,28 +448,31 @@ def test_packed_examples_do_not_see_each_other(attn_implementation):
         {"input_ids": torch.randint(1, 1000, (length,)).tolist() + [0], "prompt_length": 3} for length in (7, 4, 11)
     ]
     with torch.no_grad():  # the packed batch says use_cache=False: in eval mode a KV cache would hide the packing
-        packed = model(**InstructionCollator(0, mask_prompt=True, packing=True)(features))
+        batch = InstructionCollator(0, mask_prompt=True, packing=True, row_length=64)(features)
+        packed = model(**batch)
         padded = model(**InstructionCollator(0, mask_prompt=True)(features), use_cache=False)
-        start = 0
+        assert batch["input_ids"].shape == (1, 8 + 5 + 12)  # one row, longest example first
         for feature in features:
-            alone = model(torch.tensor([feature["input_ids"]]), use_cache=False).logits[0]
-            end = start + len(alone)
-            torch.testing.assert_close(packed.logits[0, start:end], alone, atol=1e-5, rtol=1e-5)
-            start = end
+            ids = torch.tensor(feature["input_ids"])
+            alone = model(ids[None], use_cache=False).logits[0]
+            start = next(c for c in range(25 - len(ids) + 1) if torch.equal(batch["input_ids"][0, c : c + len(ids)], ids))
+            torch.testing.assert_close(packed.logits[0, start : start + len(ids)], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed.loss, padded.loss, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_packing_fills_rows_of_max_length(attn_implementation):
-    """With max_length, examples fill rows of at most that many tokens; each keeps the logits it has alone."""
+@pytest.mark.parametrize("row_length, rows, targets", [(None, 4, [3, 9, 10, 12]), (16, 3, [9, 12, 13])])
+def test_packing_fills_rows(attn_implementation, row_length, rows, targets):
+    """Examples fill rows as wide as the longest example (or `row_length`); each keeps the logits it has alone."""
     torch.manual_seed(0)
     config = ScratchGPTConfig.from_preset("tiny", drop_rate=0.0, attn_implementation=attn_implementation)
     model = ScratchGPTForCausalLM(config).eval()
-    lengths = (9, 4, 12, 6, 3)  # + eos: 10, 5, 13, 7, 4; longest first into rows of 16: [13], [10, 5], [7, 4]
-    features = [{"input_ids": torch.randint(1, 1000, (n,)).tolist() + [0], "prompt_length": 2} for n in lengths]
-    batch = InstructionCollator(0, packing=True, max_length=16)(features)
-    # Rows as wide as the fullest (15); every token a target but each example's first.
-    assert batch["input_ids"].shape == (3, 15) and sorted(batch["labels"].ne(X).sum(1).tolist()) == [9, 12, 13]
+    # + eos: 10, 5, 13, 7, 4 tokens; longest first into rows of 13: [13], [10], [7, 5], [4]; of 16: [13], [10, 5], [7, 4]
+    features = [{"input_ids": torch.randint(1, 1000, (n,)).tolist() + [0], "prompt_length": 2} for n in (9, 4, 12, 6, 3)]
+    batch = InstructionCollator(0, packing=True, row_length=row_length)(features)
+    width = batch["input_ids"].shape[1]  # the fullest row: 13, or 15 of 16
+    assert batch["input_ids"].shape[0] == rows and width == (13 if row_length is None else 15)
+    assert sorted(batch["labels"].ne(X).sum(1).tolist()) == targets  # every token a target but each example's first
     with torch.no_grad():
         packed = model(**batch).logits
         padded = model(**InstructionCollator(0)(features), use_cache=False).loss
@@ -477,7 +480,7 @@ def test_packing_fills_rows_of_max_length(attn_implementation):
             ids = torch.tensor(feature["input_ids"])
             alone = model(ids[None], use_cache=False).logits[0]
             row, start = next(  # where the example sits: its ids, with positions from 0
-                (r, c) for r in range(3) for c in range(15 - len(ids) + 1)
+                (r, c) for r in range(rows) for c in range(width - len(ids) + 1)
                 if torch.equal(batch["input_ids"][r, c : c + len(ids)], ids) and batch["position_ids"][r, c] == 0
             )
             torch.testing.assert_close(packed[row, start : start + len(ids)], alone, atol=1e-5, rtol=1e-5)

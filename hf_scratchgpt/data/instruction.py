@@ -415,11 +415,12 @@ class InstructionCollator:
       not go up by one, and keeps each example from attending to the others; the restarting positions also give
       every example the position embeddings it has alone. The first token of each example is labelled -100: the
       shifted loss would otherwise score the previous example's eos against it (unpacked, a first token is never
-      a target either). So a batch has the same targets packed or not. With `max_length` (the model's context),
-      the batch's examples fill rows of at most that many tokens (first fit, longest first), so attention stays
-      as cheap as unpacked while the padding goes; without it, the whole batch is one row. A row shorter than
-      the longest (or than `pad_to_multiple_of`) ends with padding as one more example of its own (positions
-      from 0, labels -100). The batch says `use_cache=False`: with a KV cache no packing is detected.
+      a target either). So a batch has the same targets packed or not. The examples fill rows (first fit,
+      longest first) as wide as the batch's longest example: each row costs what an unpacked row costs, with any
+      attention kernel, and there are fewer rows and less padding. `row_length` sets another width (a large one
+      gives one long row, for flash attention's variable-length kernels). A row shorter than the widest (or than
+      `pad_to_multiple_of`) ends with padding as one more example of its own (positions from 0, labels -100).
+      The batch says `use_cache=False`: with a KV cache no packing is detected.
 
     Trainer drops dataset columns that the model's forward does not take, `prompt_length` among them: with
     `mask_prompt`, train with `remove_unused_columns=False`.
@@ -429,7 +430,7 @@ class InstructionCollator:
     _: KW_ONLY
     mask_prompt: bool = False
     packing: bool = False
-    max_length: int | None = None
+    row_length: int | None = None
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self):
@@ -499,9 +500,9 @@ class InstructionCollator:
         return {**batch, "use_cache": False}
 
     def _rows(self, examples: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list]:
-        """The examples grouped into rows of at most `max_length` tokens (first fit, longest first), or one row."""
-        if self.max_length is None:
-            return [examples]
+        """The examples grouped into rows of at most `row_length` tokens, or of the longest example's length (first
+        fit, longest first)."""
+        width = self.row_length or max(len(ids) for ids, _ in examples)
         rows, room = [], []
         for example in sorted(examples, key=lambda example: -len(example[0])):
             fits = [index for index, free in enumerate(room) if len(example[0]) <= free]
@@ -510,5 +511,5 @@ class InstructionCollator:
                 room[fits[0]] -= len(example[0])
             else:
                 rows.append([example])
-                room.append(self.max_length - len(example[0]))
+                room.append(width - len(example[0]))
         return rows
