@@ -1,26 +1,33 @@
-"""Chapter 6, fine-tuning for classification: a spam classifier with transformers' `Trainer`.
+"""Chapter 6, fine-tuning for classification: a text classifier with transformers' `Trainer`.
 
     python recipes/classify.py --model_name_or_path openai-community/gpt2 \\
         --data_file ../shared/data/sms_spam/SMSSpamCollection.tsv        # the book's run: last block + new head
-    python recipes/classify.py --config recipes/configs/classify/lora.yaml --model_name_or_path ... --data_file ...
+    python recipes/classify.py --config recipes/configs/classify/scratchgpt_small.yaml \\
+        --data_file ../shared/data/sms_spam/SMSSpamCollection.tsv        # offline: runs/pretrain-default, minutes
+    python recipes/classify.py --model_name_or_path MODEL --train_file reviews.csv \\
+        --text_column review --label_column stars                        # your own data: any columns, any labels
     torchrun --nproc_per_node 2 recipes/classify.py ...                   # several processes (DDP)
 
 Settings come from `--config FILE.yaml` (default: recipes/configs/classify/book_chapter6.yaml) and flags, which
-win. The run: SMS messages -> the book's balanced 70/10/20 split -> token ids -> a pretrained ScratchGPT or GPT-2
-with a new 2-class head on its last token -> train what `--trainable` says (resumable) -> save (LoRA merged)
--> validation and test accuracy -> loss plot and model card.
+win. The run: labelled texts (a CSV, TSV, JSON, JSON Lines or Parquet file, a Hub dataset, or the book's SMS
+file) -> train / validation / test (given, or a stratified 70/10/20 split; the book's balanced one for the SMS
+file) -> token ids -> a pretrained ScratchGPT or GPT-2 with a new head on its last token, one output per class
+-> train what `--trainable` says (resumable) -> save (LoRA merged; the label names in the config) -> accuracy,
+precision, recall, F1 (macro and per class) and the confusion matrix -> metrics.json, loss and confusion plots,
+model card.
 """
 
-import functools
-from dataclasses import dataclass, field
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 from transformers import DataCollatorWithPadding
 
 from hf_scratchgpt import ScratchGPTForSequenceClassification
-from hf_scratchgpt.data import SMS_LABELS, classification_features, load_sms_spam, sms_spam_splits
+from hf_scratchgpt.classify import ClassificationMetrics, confusion_table, plot_confusion_matrix
+from hf_scratchgpt.data import classification_features, classification_splits
 from hf_scratchgpt.finetuning import (
     FinetuningArguments,
     config_overrides,
@@ -30,7 +37,7 @@ from hf_scratchgpt.finetuning import (
     select_trainable,
     trainable_summary,
 )
-from hf_scratchgpt.metrics import load_metric
+from hf_scratchgpt.hub import is_local_path
 from hf_scratchgpt.recipe import check_vocabulary, finish_recipe, run_recipe, start_recipe
 from hf_scratchgpt.training import LossPlotCallback, ScratchGPTTrainer
 
@@ -39,47 +46,77 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "book_chapter6
 
 @dataclass
 class DataArguments:
-    PATHS: ClassVar[dict] = {"data_file": "local"}  # checked before any work
+    PATHS: ClassVar[dict] = {"data_file": "local", "train_file": "local", "validation_file": "local",
+                             "test_file": "local", "dataset_name": "hub"}  # checked before any work
 
+    train_file: str | None = field(default=None, metadata={"help": "Labelled texts: CSV, TSV, JSON, JSONL, Parquet."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation texts; default: cut from train."})
+    test_file: str | None = field(default=None, metadata={"help": "Test texts; default: cut from the training data."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id instead of files."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The configuration of --dataset_name."})
     data_file: str | None = field(
-        default=None,
-        metadata={"help": "The SMS Spam Collection: 'ham|spam<TAB>text' lines (SMSSpamCollection)."},
+        default=None, metadata={"help": "The book's SMS Spam Collection ('ham|spam<TAB>text' lines, no header)."}
     )
+    text_column: str = field(default="text", metadata={"help": "The column holding the texts."})
+    label_column: str = field(default="label", metadata={"help": "The column holding the labels."})
+    class_names: list[str] | None = field(
+        default=None, metadata={"help": "Class names in id order (integer labels are ids into it); default: the "
+                                "distinct labels, sorted."}
+    )
+    balance: bool | None = field(
+        default=None, metadata={"help": "Undersample every class to the smallest (the book's spam data); default: "
+                                "on for --data_file (the book's exact split), off for other data."}
+    )
+    split_seed: int = field(default=123, metadata={"help": "Seed of the split and the balancing (the book: 123)."})
     max_length: int | None = field(
-        default=None, metadata={"help": "Tokens kept per message; default: the longest training message (book)."}
+        default=None, metadata={"help": "Tokens kept per text; default: the longest training text (the book), at "
+                                "most the model's context."}
     )
-    split_seed: int = field(default=123, metadata={"help": "Seed of the balanced split (the book: 123)."})
 
     def __post_init__(self):
-        if not self.data_file:
-            raise ValueError("pass --data_file, the SMS Spam Collection ('ham|spam<TAB>text' lines)")
+        if not (self.data_file or self.train_file or self.dataset_name):
+            raise ValueError("pass the data: --train_file (CSV, TSV, JSON, JSON Lines, Parquet), --dataset_name (a "
+                             "Hub dataset) or --data_file (the SMS Spam Collection)")
+        if (self.validation_file or self.test_file) and not self.train_file:
+            raise ValueError("--validation_file and --test_file go with --train_file")
+
+    def sources(self) -> dict:
+        """The arguments of `classification_splits`."""
+        return {k: v for k, v in asdict(self).items() if k != "max_length"}
 
 
 def main(argv=None) -> dict:
     run = start_recipe("classify", (FinetuningArguments, DataArguments), argv, default_config=DEFAULT_CONFIG)
     model_args, data_args = run.args
 
-    splits = sms_spam_splits(load_sms_spam(data_args.data_file), seed=data_args.split_seed)
     tokenizer = load_tokenizer(model_args)
-    model = load_pretrained(
-        ScratchGPTForSequenceClassification,
-        model_args.model_name_or_path,
-        num_labels=len(SMS_LABELS),
-        id2label=dict(enumerate(SMS_LABELS)),
-        label2id={label: i for i, label in enumerate(SMS_LABELS)},
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=run.common.attn_implementation,
-        **config_overrides(model_args),
-    )
-    check_vocabulary(tokenizer, model, model_args.model_name_or_path)
-    features = classification_features(
-        splits, tokenizer, max_length=data_args.max_length, context_length=model.config.context_length
-    )
+    with run.training.main_process_first(desc="classification data"):  # the others read its datasets cache
+        splits = classification_splits(**data_args.sources())
+        labels = splits["train"].features["label"].names
+        model = load_pretrained(
+            ScratchGPTForSequenceClassification,
+            model_args.model_name_or_path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            pad_token_id=tokenizer.pad_token_id,
+            attn_implementation=run.common.attn_implementation,
+            **config_overrides(model_args),
+        )
+        check_vocabulary(tokenizer, model, model_args.model_name_or_path)
+        features = classification_features(
+            splits, tokenizer, max_length=data_args.max_length, context_length=model.config.context_length
+        )
+    check_splits(features, run.training)
+    # The saved tokenizer cuts texts where training did: pipeline(..., truncation=True), scratchgpt-classify.
+    tokenizer.model_max_length = data_args.max_length or max(map(len, features["train"]["input_ids"]))
     model = select_trainable(model, model_args)
     if run.training.process_index == 0:
-        print(f"classify: {len(features['train'])} / {len(features['validation'])} / {len(features['test'])} "
-              f"messages; {trainable_summary(model)}")
+        counts = Counter(features["train"]["label"])
+        print(f"classify: {' / '.join(f'{len(s):,} {n}' for n, s in features.items())} texts; training: "
+              f"{', '.join(f'{counts[i]:,} {label}' for i, label in enumerate(labels))}; {trainable_summary(model)}")
 
+    scorer = ClassificationMetrics(labels)
     trainer = ScratchGPTTrainer(
         model=model,
         args=run.training,
@@ -87,31 +124,52 @@ def main(argv=None) -> dict:
         eval_dataset=features["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy_of_logits,
+        compute_metrics=scorer,
         callbacks=[LossPlotCallback()],
         card=dict(
-            tags=["text-classification", "spam"],
+            tags=["text-classification"],
             pipeline_tag="text-classification",
             base_model=model_args.model_name_or_path,
-            description="A ScratchGPT spam classifier: the book's chapter 6 fine-tuning on the SMS Spam Collection "
-            f"(trainable: {model_args.trainable}), with `recipes/classify.py` of hf_scratchgpt.",
+            datasets=[data_args.dataset_name] if data_args.dataset_name and not is_local_path(data_args.dataset_name)
+            else [],
+            description=f"A ScratchGPT text classifier ({', '.join(labels)}): the book's chapter 6 fine-tuning "
+            f"(trainable: {model_args.trainable}) with `recipes/classify.py` of hf_scratchgpt.",
         ),
     )
-    metrics = finish_recipe(trainer, run, test_dataset=features["test"], before_save=merge_adapters)
+    metrics = finish_recipe(trainer, run, test_dataset=features["test"], before_save=merge_adapters,
+                            after_evaluate=lambda trainer: report_confusion(trainer, scorer))
     if trainer.is_world_process_zero():
-        print(f"validation accuracy {metrics['eval_accuracy']:.2%}, test accuracy {metrics['test_accuracy']:.2%}; "
-              f"saved to {run.training.output_dir}")
+        saved = {**metrics, "labels": labels, "test_confusion_matrix": scorer.confusion_matrix}
+        Path(run.training.output_dir, "metrics.json").write_text(json.dumps(saved, indent=2))
+        print(f"validation accuracy {metrics.get('eval_accuracy', float('nan')):.2%}, test accuracy "
+              f"{metrics['test_accuracy']:.2%}, test macro F1 {metrics['test_f1']:.4f} ("
+              + ", ".join(f"{label} {metrics[f'test_f1_{label}']:.4f}" for label in labels)
+              + f"); saved to {run.training.output_dir}")
     return metrics
 
 
-def accuracy_of_logits(prediction) -> dict:
-    """Trainer's `compute_metrics`: accuracy of the arg-max class, with the offline `evaluate` module."""
-    return accuracy_metric().compute(predictions=np.argmax(prediction.predictions, axis=-1), references=prediction.label_ids)
+def check_splits(features, training_args) -> None:
+    """One batch of training texts on every process, and texts to validate and test on, before any work."""
+    batch = training_args.per_device_train_batch_size * training_args.world_size
+    if len(features["train"]) < batch:
+        raise ValueError(f"the training split has {len(features['train'])} texts, fewer than one batch of {batch}: "
+                         "use more data or a smaller --per_device_train_batch_size")
+    for name in ("validation", "test"):
+        if len(features[name]) == 0:
+            raise ValueError(f"the {name} split has no texts: use more data, or give --{name}_file")
 
 
-@functools.cache
-def accuracy_metric():
-    return load_metric("accuracy")
+def report_confusion(trainer, scorer: ClassificationMetrics) -> dict:
+    """After the test evaluation (`finish_recipe`'s `after_evaluate`): print its confusion matrix, draw it into
+    confusion_matrix.png beside loss.png, and put it on the model card."""
+    if trainer.is_world_process_zero():
+        table = confusion_table(scorer.confusion_matrix, scorer.labels)
+        print(f"\ntest confusion matrix:\n{table}\n")
+        plot_confusion_matrix(scorer.confusion_matrix, scorer.labels,
+                              Path(trainer.args.output_dir) / "confusion_matrix.png")
+        trainer.card["description"] += f"\n\n## Test confusion matrix\n\n{table}\n\n![confusion matrix]" \
+                                       "(confusion_matrix.png)"
+    return {}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Tests of recipes/classify.py and hf_scratchgpt/finetuning.py: the book's chapter 6 spam classifier."""
+"""Tests of recipes/classify.py and hf_scratchgpt/finetuning.py: the book's chapter 6 spam classifier, and
+classifiers of any labelled texts."""
 
+import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM, ScratchGPTForSequenceClassification
 from hf_scratchgpt.data import load_sms_spam, sms_spam_splits
-from hf_scratchgpt.finetuning import FinetuningArguments, load_pretrained, select_trainable
+from hf_scratchgpt.finetuning import FinetuningArguments, load_pretrained, merge_adapters, select_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "classify.py"
@@ -169,3 +174,186 @@ def test_a_bad_line_in_the_data_is_one_line_on_the_command_line(base_model, tmp_
     assert result.stderr.strip().splitlines() == [
         f"error: {bad}, line 2: expected 'ham<TAB>text' or 'spam<TAB>text', got 'maybe\\tnot a label\\n'"
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Any labelled texts: columns, labels, metrics, LoRA, several processes, bad input
+
+TOPICS = {
+    "sport": ["the match ended with a late goal", "our team won the cup final", "the striker scored twice"],
+    "food": ["the soup needs more salt", "fresh bread and butter for breakfast", "the cake was too sweet"],
+    "weather": ["rain all day and cold wind", "sunny skies tomorrow afternoon", "snow is expected tonight"],
+}
+
+
+def topic_rows(count: int, long_every: int = 0) -> list[tuple[str, str]]:
+    """(text, topic) rows, all texts different; every `long_every`-th text is longer than a 128-token context."""
+    rows = []
+    for i in range(count):
+        topic = list(TOPICS)[i % 3]
+        text = f"{TOPICS[topic][i // 3 % 3]}, note {i}"
+        if long_every and i % long_every == 0:
+            text = " ".join([text] * 30)
+        rows.append((text, topic))
+    return rows
+
+
+def write_csv(path: Path, rows, header=("id", "message", "topic")) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows((i, *row) for i, row in enumerate(rows))
+    return path
+
+
+def file_args(model, out, *extra) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--output_dir", str(out), "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+        "--eval_strategy", "no", "--save_strategy", "no", *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_three_class_csv_with_named_columns_trains_saves_and_answers_with_the_names(base_model, tmp_path):
+    data = write_csv(tmp_path / "topics.csv", topic_rows(60, long_every=7))
+    out = tmp_path / "topics"
+    with pytest.warns(UserWarning, match=r"\d+ of 42 train, .* texts are longer than 128 tokens and were cut"):
+        metrics = classify.main(file_args(base_model, out, "--train_file", str(data), "--text_column", "message",
+                                          "--label_column", "topic", "--max_steps", "3", "--learning_rate", "1e-3"))
+    names = ["food", "sport", "weather"]
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == dict(enumerate(names))
+    answers = pipeline("text-classification", model=str(out), top_k=None)(["rain and wind", "a goal " * 200],
+                                                                           truncation=True)
+    assert [sorted(entry["label"] for entry in answer) for answer in answers] == [names, names]
+    # Every metric, macro and per class, in metrics.json, with the confusion matrix of the 12 test texts.
+    saved = json.loads((out / "metrics.json").read_text())
+    for name in ("test_accuracy", "test_precision", "test_recall", "test_f1", "eval_f1", *(f"test_{m}_{n}" for m in
+                 ("precision", "recall", "f1") for n in names)):
+        assert saved[name] == pytest.approx(metrics[name]), name
+    matrix = saved["test_confusion_matrix"]
+    assert saved["labels"] == names and len(matrix) == 3 and sum(map(sum, matrix)) == 12
+    assert saved["test_accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(3)) / 12)
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    card = (out / "README.md").read_text()
+    assert "## Test confusion matrix" in card and "| test_f1_weather |" in card
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 128  # cut where training cut
+
+
+@pytest.mark.slow
+def test_json_lines_with_integer_labels_and_given_names(base_model, tmp_path):
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"sentence": text, "stars": list(TOPICS).index(topic)}) + "\n"
+                                for text, topic in rows))
+        return str(path)
+
+    rows = topic_rows(48)
+    out = tmp_path / "jsonl"
+    metrics = classify.main(file_args(
+        base_model, out, "--train_file", write("train.jsonl", rows[:30]), "--validation_file",
+        write("validation.jsonl", rows[30:39]), "--test_file", write("test.jsonl", rows[39:]), "--text_column",
+        "sentence", "--label_column", "stars", "--class_names", "one", "two", "three", "--max_steps", "2"))
+    assert metrics["test_samples_per_second"] > 0 and "test_f1_three" in metrics and "eval_f1_one" in metrics
+    answers = pipeline("text-classification", model=str(out), top_k=None)(["fresh bread"])[0]
+    assert sorted(entry["label"] for entry in answers) == ["one", "three", "two"]
+    assert json.loads((out / "metrics.json").read_text())["labels"] == ["one", "two", "three"]
+
+
+def test_lora_merged_and_reloaded_gives_the_logits_of_the_model_with_adapters(base_model, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = load_pretrained(ScratchGPTForSequenceClassification, str(base_model), num_labels=3,
+                            pad_token_id=tokenizer.pad_token_id)
+    model = select_trainable(model, FinetuningArguments(model_name_or_path=str(base_model), trainable="lora",
+                                                        lora_r=4, lora_alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():  # as if trained: every adapter (B starts at 0) and the head move
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn_like(param))
+    batch = tokenizer(["Free entry! Call now", "see you at five, bring the cake"], padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            without = model(**batch).logits
+        before = model(**batch).logits
+    trainer = SimpleNamespace(model=model, model_wrapped=model)
+    merge_adapters(trainer)  # what the recipe does before saving
+    trainer.model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in name for name in reloaded.state_dict())
+    with torch.no_grad():
+        after = reloaded(**batch).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert (before - without).abs().max() > 1e-2  # the adapters changed the logits: the check can fail
+
+
+# A recipe run under torchrun that records the token ids of every training example each process sees.
+RECORDING_RUN = textwrap.dedent("""
+    import importlib.util, json, os, sys
+    spec = importlib.util.spec_from_file_location("classify_recipe", {recipe!r})
+    classify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(classify)
+    seen = []
+
+    class RecordingTrainer(classify.ScratchGPTTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()):
+                seen.append([i for i, m in zip(ids, mask) if m])
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    classify.ScratchGPTTrainer = RecordingTrainer
+    classify.run_recipe(lambda: classify.main(sys.argv[1:]))
+    with open(os.path.join({out!r}, f"seen-{{os.environ['RANK']}}.json"), "w") as file:
+        json.dump(seen, file)
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_recipe_and_see_different_examples(base_model, tmp_path):
+    data = write_csv(tmp_path / "topics.csv", topic_rows(60))
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "recording_run.py"
+    script.write_text(RECORDING_RUN.format(recipe=str(RECIPE), out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         *file_args(base_model, out, "--train_file", str(data), "--text_column", "message", "--label_column",
+                    "topic", "--per_device_train_batch_size", "4", "--max_steps", "2")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 0 of world size 2" in result.stdout and "process 1 of world size 2" in result.stdout
+    seen = [json.loads((out / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(rank) for rank in seen] == [2 * 4, 2 * 4]  # 2 steps of 4 examples on each process
+    first, second = ({tuple(ids) for ids in rank} for rank in seen)
+    assert len(first) == len(second) == 8 and first.isdisjoint(second)  # 16 different training texts in all
+    assert json.loads((out / "metrics.json").read_text())["labels"] == ["food", "sport", "weather"]
+
+
+COLUMNS = ["--text_column", "message", "--label_column", "topic"]
+
+
+@pytest.mark.parametrize(
+    "rows, flags, message",
+    [
+        ([("a", "x")] * 12, COLUMNS, r"the labels have one class \('x'\); a classifier needs at least 2"),
+        ([("a", "x"), ("b", ""), ("c", "y"), ("d", "")] * 3, COLUMNS, r"rows 2, 4, 6, .* without a label"),
+        (topic_rows(12), ["--text_column", "body", "--label_column", "topic"],
+         r"--text_column 'body' is not a column of .*topics.csv; its columns: id, message, topic"),
+        (topic_rows(12), ["--text_column", "message", "--label_column", "class"],
+         r"--label_column 'class' is not a column of .*; its columns: id, message, topic"),
+        (topic_rows(12), [*COLUMNS, "--test_file", "{test}"],
+         r"test.csv: label 'music' \(row 1 .*\) never appears in the training data, which has food, sport, weather"),
+        (topic_rows(12), [*COLUMNS, "--validation_file", "{test}"], r"label 'music' .* never appears in the training"),
+    ],
+)
+def test_bad_data_is_one_line_before_training(base_model, tmp_path, rows, flags, message):
+    data = write_csv(tmp_path / "topics.csv", rows)
+    test = write_csv(tmp_path / "test.csv", [("a new song", "music"), ("a goal", "sport")])
+    flags = [flag.format(test=test) for flag in flags]
+    with pytest.raises(ValueError, match=message) as error:
+        classify.main(file_args(base_model, tmp_path / "out", "--train_file", str(data), *flags))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing saved

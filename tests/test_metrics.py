@@ -1,4 +1,5 @@
-"""Chapters 6 and 7, metrics: accuracy, ROUGE-L and exact match load offline and give the expected numbers."""
+"""Chapters 6 and 7, metrics: accuracy, precision, recall, F1, the confusion matrix, ROUGE-L and exact match load
+offline and give the expected numbers."""
 
 import random
 
@@ -109,5 +110,54 @@ def test_accuracy_plain_and_weighted():
 
 
 def test_unknown_metric_lists_the_available_ones():
-    with pytest.raises(ValueError, match="available: accuracy, .*exact_match, .*rouge_l"):
+    with pytest.raises(ValueError, match="available: accuracy, confusion_matrix, exact_match, f1, precision, recall, "
+                       "rouge_l"):
         load_metric("bleu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Classification: precision, recall, F1 and the confusion matrix, checked against counts made by hand
+
+# Three classes, counted by hand (positions are indices into the lists):
+#   class 0: references at 0, 3, 5, 6; predicted at 0, 5 (both right): TP 2, FP 0, FN 2 (3 -> 1, 6 -> 2)
+#   class 1: references at 1, 4;       predicted at 1, 3 (3 is a 0):    TP 1, FP 1, FN 1 (4 -> 2)
+#   class 2: references at 2, 7;       predicted at 2, 4, 6, 7:         TP 2, FP 2, FN 0
+#   class 3: never a reference, never predicted (only in `labels`)
+PREDICTIONS = [0, 1, 2, 1, 2, 0, 2, 2]
+REFERENCES = [0, 1, 2, 0, 1, 0, 0, 2]
+PRECISION = [2 / 2, 1 / 2, 2 / 4]  # TP / (TP + FP)
+RECALL = [2 / 4, 1 / 2, 2 / 2]  # TP / (TP + FN)
+F1 = [2 * 2 / (2 * 2 + 0 + 2), 2 * 1 / (2 * 1 + 1 + 1), 2 * 2 / (2 * 2 + 2 + 0)]  # 2 TP / (2 TP + FP + FN)
+SUPPORT = [4, 2, 2]
+
+
+@pytest.mark.parametrize("name, per_class", [("precision", PRECISION), ("recall", RECALL), ("f1", F1)])
+def test_precision_recall_f1_are_scikit_learns(name, per_class):
+    metric = load_metric(name)
+    data = dict(predictions=PREDICTIONS, references=REFERENCES)
+    assert metric.compute(**data, average=None)[name] == pytest.approx(per_class)
+    assert metric.compute(**data)[name] == pytest.approx(sum(per_class) / 3)  # macro is the default
+    weighted = sum(s * m for s, m in zip(SUPPORT, per_class)) / sum(SUPPORT)
+    assert metric.compute(**data, average="weighted")[name] == pytest.approx(weighted)
+    # Pooled over classes, every wrong prediction is one FP and one FN: micro P = R = F1 = accuracy = 5 / 8.
+    assert metric.compute(**data, average="micro")[name] == pytest.approx(5 / 8)
+    # A class in `labels` that never occurs scores 0 (scikit-learn's zero_division) and counts in the macro mean.
+    with_absent = metric.compute(**data, labels=[0, 1, 2, 3], average=None)[name]
+    assert with_absent == pytest.approx([*per_class, 0.0])
+    assert metric.compute(**data, labels=[0, 1, 2, 3])[name] == pytest.approx(sum(per_class) / 4)
+    with pytest.raises(ValueError, match="average must be one of"):
+        metric.compute(**data, average="binary")
+
+
+def test_macro_f1_is_the_mean_of_per_class_f1_not_the_f1_of_the_means():
+    f1 = load_metric("f1").compute(predictions=PREDICTIONS, references=REFERENCES)["f1"]
+    precision, recall = sum(PRECISION) / 3, sum(RECALL) / 3
+    assert f1 == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert f1 != pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_confusion_matrix_rows_are_references_columns_predictions():
+    matrix = load_metric("confusion_matrix").compute(predictions=PREDICTIONS, references=REFERENCES)
+    assert matrix == {"confusion_matrix": [[2, 1, 1], [0, 1, 1], [0, 0, 2]]}
+    matrix = load_metric("confusion_matrix").compute(predictions=[1, 1], references=[1, 1], labels=[0, 1])
+    assert matrix == {"confusion_matrix": [[0, 0], [0, 2]]}

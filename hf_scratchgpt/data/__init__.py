@@ -2,13 +2,26 @@
 
 - `pretraining`: chapter 2's sliding windows over a text corpus (files, texts, a dataset, a stream or a Hub
   id), and chapter 5's train/validation split of that corpus.
-- `classification`: chapter 6's SMS Spam Collection, its balanced split and token ids.
+- `classification`: chapter 6's labelled texts (any table or Hub dataset, and the book's SMS Spam Collection),
+  their stratified or balanced split and token ids.
 - `instruction`: chapter 7's instruction data, its split and the Alpaca prompt format.
 
 Every name is also importable from `hf_scratchgpt.data` itself.
 """
 
-from .classification import SMS_LABELS, classification_features, load_sms_spam, sms_spam_splits
+from .classification import (
+    SMS_LABELS,
+    SPLITS,
+    TABLE_FORMATS,
+    balance_classes,
+    classification_features,
+    classification_splits,
+    load_classification_data,
+    load_sms_spam,
+    read_table,
+    sms_spam_splits,
+    stratified_split,
+)
 from .instruction import (
     CHAT_ROLES,
     CHAT_TEMPLATE,
@@ -42,8 +55,15 @@ __all__ = [
     "pretraining_windows",
     "split_corpus",
     "SMS_LABELS",
+    "SPLITS",
+    "TABLE_FORMATS",
     "load_sms_spam",
     "sms_spam_splits",
+    "read_table",
+    "load_classification_data",
+    "balance_classes",
+    "stratified_split",
+    "classification_splits",
     "classification_features",
     "INSTRUCTION_KEYS",
     "load_instruction_data",

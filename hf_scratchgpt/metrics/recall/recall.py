@@ -1,0 +1,50 @@
+"""Chapter 6, classification metrics: recall, per class and averaged, as an offline `evaluate` module.
+
+scikit-learn's `recall_score` definitions: for a class c, recall = TP / (TP + FN), the share of the references
+of c that are found (0 when c is never a reference). `average="macro"` is the unweighted mean over the
+classes, `"weighted"` the mean weighted by each class's number of references, `"micro"` the recall of all the
+counts pooled, and `None` gives the list per class, in the order of `labels`.
+"""
+
+import datasets
+import evaluate
+import numpy as np
+
+
+AVERAGES = ("macro", "micro", "weighted", None)
+
+
+class Recall(evaluate.Metric):
+    """Recall of integer class predictions against references."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Recall: TP / (TP + FN) per class, averaged over classes (macro, weighted) or pooled.",
+            citation="",
+            inputs_description="predictions, references: integer class ids; labels: the classes to count "
+            "(default: those that occur, sorted); average: macro (default), micro, weighted or None (per class).",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references, labels=None, average="macro"):
+        if average not in AVERAGES:
+            raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+        predictions, references = np.asarray(predictions), np.asarray(references)
+        if labels is None:
+            labels = np.union1d(predictions, references)
+        labels = np.asarray(labels)
+        true_positives = np.array([np.sum((predictions == c) & (references == c)) for c in labels], dtype=float)
+        support = np.array([np.sum(references == c) for c in labels], dtype=float)
+        if average == "micro":
+            return {"recall": _ratio(true_positives.sum(), support.sum())}
+        per_class = np.array([_ratio(tp, n) for tp, n in zip(true_positives, support)])
+        if average is None:
+            return {"recall": per_class.tolist()}
+        if average == "weighted":
+            return {"recall": _ratio((per_class * support).sum(), support.sum())}
+        return {"recall": float(per_class.mean()) if len(per_class) else 0.0}
+
+
+def _ratio(numerator, denominator) -> float:
+    """numerator / denominator, and 0 for 0 / 0 (scikit-learn's zero_division default)."""
+    return float(numerator / denominator) if denominator else 0.0
