@@ -35,7 +35,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_scratchgpt import ScratchGPTConfig
-from .speedups_scratchgpt import DecodeLinear, KVCache, chunked_causal_lm_loss
+from .speedups_scratchgpt import DecodeLinear, KVCache, chunked_causal_lm_loss, packed_sdpa_attention
 
 
 class LayerNorm(nn.LayerNorm):
@@ -133,6 +133,8 @@ class MultiHeadAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if self.config._attn_implementation == "sdpa" and kwargs.get("cu_seq_lens_q") is not None:
+            attention_interface = packed_sdpa_attention  # packed sequences, each attended alone (speedups)
         out, weights = attention_interface(
             self,
             query,

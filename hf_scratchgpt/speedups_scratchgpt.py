@@ -7,7 +7,9 @@ None of it changes what the model computes; each piece changes how fast, or in h
 - `KVCache` / `KVCacheLayer`: the book's KV cache as a transformers `Cache` that appends in place, instead of
   copying all earlier keys and values at every generated token;
 - `ChunkedLinearCrossEntropy` / `chunked_causal_lm_loss`: the training loss without the (tokens x vocabulary)
-  logits in memory.
+  logits in memory;
+- `packed_sdpa_attention`: packed sequences attended one by one, each with SDPA's causal kernel, instead of the
+  whole row under a block-diagonal mask (flash attention's variable-length kernels, for any device).
 
 `modeling_scratchgpt.py` imports this file, so `save_pretrained` copies it beside the model's code: it imports
 only torch and transformers.
@@ -167,4 +169,42 @@ def chunked_causal_lm_loss(
     return loss_sum / denominator
 
 
-__all__ = ["ChunkedLinearCrossEntropy", "DecodeLinear", "KVCache", "KVCacheLayer", "chunked_causal_lm_loss"]
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention over one row of packed sequences, one sequence at a time.
+
+    query, key, value: (1, nh, T, hs), the sequences side by side; `cu_seq_lens_q` their boundaries
+    ([0, len_1, len_1 + len_2, ..., T], as flash attention's variable-length kernels take them). The block-diagonal
+    mask (`attention_mask`) computes the same thing, but over the whole (T, T) square; here each sequence costs
+    what it costs alone, so a packed row is as cheap as its real tokens.
+    """
+    lengths = cu_seq_lens_q.diff().tolist()
+    dropout = dropout if module.training else 0.0
+    # split and cat (not slices written into one tensor): their gradients are one copy each, not one per sequence
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+            for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value)))  # (1, nh, len, hs) each
+        ],
+        dim=2,
+    )
+    return out.transpose(1, 2), None  # (1, T, nh, hs)
+
+
+__all__ = [
+    "ChunkedLinearCrossEntropy",
+    "DecodeLinear",
+    "KVCache",
+    "KVCacheLayer",
+    "chunked_causal_lm_loss",
+    "packed_sdpa_attention",
+]

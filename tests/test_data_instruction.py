@@ -2,6 +2,7 @@
 and the collator."""
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -417,8 +418,10 @@ def test_collator_needs_prompt_length_only_to_mask_the_prompt():
 
 @pytest.mark.parametrize("mask_prompt", [False, True])
 def test_packing_puts_the_batch_in_one_row(mask_prompt):
-    packed = InstructionCollator(EOS, mask_prompt=mask_prompt, packing=True, row_length=64)(FEATURES)
-    assert set(packed) == {"input_ids", "position_ids", "labels", "use_cache"}  # padding-free: no attention mask
+    packed = InstructionCollator(EOS, mask_prompt=mask_prompt, packing=True)(FEATURES)
+    assert "attention_mask" not in packed  # padding-free
+    assert set(packed) == {"input_ids", "position_ids", "labels", "use_cache", "cu_seq_lens_q", "cu_seq_lens_k",
+                           "max_length_q", "max_length_k"}
     assert packed["use_cache"] is False  # a KV cache would hide the packing from transformers' masks
     assert packed["input_ids"].tolist() == [[1, 2, 3, 4, EOS, 5, 6, EOS]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
@@ -432,7 +435,7 @@ def test_packing_puts_the_batch_in_one_row(mask_prompt):
 
 
 def test_packing_pads_with_an_example_of_its_own():
-    packed = InstructionCollator(EOS, packing=True, row_length=64, pad_to_multiple_of=5)(FEATURES)
+    packed = InstructionCollator(EOS, packing=True, pad_to_multiple_of=5)(FEATURES)
     assert packed["input_ids"].tolist() == [[1, 2, 3, 4, EOS, 5, 6, EOS, EOS, EOS]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1]]
     assert packed["labels"][0, 8:].tolist() == [X, X]
@@ -448,7 +451,7 @@ def test_packed_examples_do_not_see_each_other(attn_implementation):
         {"input_ids": torch.randint(1, 1000, (length,)).tolist() + [0], "prompt_length": 3} for length in (7, 4, 11)
     ]
     with torch.no_grad():  # the packed batch says use_cache=False: in eval mode a KV cache would hide the packing
-        batch = InstructionCollator(0, mask_prompt=True, packing=True, row_length=64)(features)
+        batch = InstructionCollator(0, mask_prompt=True, packing=True)(features)
         packed = model(**batch)
         padded = model(**InstructionCollator(0, mask_prompt=True)(features), use_cache=False)
         assert batch["input_ids"].shape == (1, 8 + 5 + 12)  # one row, longest example first
@@ -460,28 +463,26 @@ def test_packed_examples_do_not_see_each_other(attn_implementation):
     torch.testing.assert_close(packed.loss, padded.loss, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("row_length, rows, targets", [(None, 4, [3, 9, 10, 12]), (16, 3, [9, 12, 13])])
-def test_packing_fills_rows(attn_implementation, row_length, rows, targets):
-    """Examples fill rows as wide as the longest example (or `row_length`); each keeps the logits it has alone."""
+def test_packed_batch_gives_the_example_boundaries():
+    batch = InstructionCollator(EOS, packing=True, pad_to_multiple_of=5)(FEATURES)
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 5, 8, 10]  # padding: its own
+    assert batch["max_length_q"] == batch["max_length_k"] == 5
+
+
+def test_sdpa_attends_each_packed_example_alone():
+    """With the boundaries, SDPA runs one causal attention per example, and gives what the block mask gives."""
+    from hf_scratchgpt.speedups_scratchgpt import packed_sdpa_attention
+
     torch.manual_seed(0)
-    config = ScratchGPTConfig.from_preset("tiny", drop_rate=0.0, attn_implementation=attn_implementation)
+    config = ScratchGPTConfig.from_preset("tiny", drop_rate=0.0, attn_implementation="sdpa")
     model = ScratchGPTForCausalLM(config).eval()
-    # + eos: 10, 5, 13, 7, 4 tokens; longest first into rows of 13: [13], [10], [7, 5], [4]; of 16: [13], [10, 5], [7, 4]
-    features = [{"input_ids": torch.randint(1, 1000, (n,)).tolist() + [0], "prompt_length": 2} for n in (9, 4, 12, 6, 3)]
-    batch = InstructionCollator(0, packing=True, row_length=row_length)(features)
-    width = batch["input_ids"].shape[1]  # the fullest row: 13, or 15 of 16
-    assert batch["input_ids"].shape[0] == rows and width == (13 if row_length is None else 15)
-    assert sorted(batch["labels"].ne(X).sum(1).tolist()) == targets  # every token a target but each example's first
+    features = [{"input_ids": torch.randint(1, 1000, (n,)).tolist() + [0]} for n in (9, 4, 12)]
+    batch = InstructionCollator(0, packing=True)(features)
+    with mock.patch("hf_scratchgpt.modeling_scratchgpt.packed_sdpa_attention", wraps=packed_sdpa_attention) as per_example:
+        with torch.no_grad():
+            packed = model(**batch).logits
+    assert per_example.call_count == config.n_layers
+    without_boundaries = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
     with torch.no_grad():
-        packed = model(**batch).logits
-        padded = model(**InstructionCollator(0)(features), use_cache=False).loss
-        for feature in features:
-            ids = torch.tensor(feature["input_ids"])
-            alone = model(ids[None], use_cache=False).logits[0]
-            row, start = next(  # where the example sits: its ids, with positions from 0
-                (r, c) for r in range(rows) for c in range(width - len(ids) + 1)
-                if torch.equal(batch["input_ids"][r, c : c + len(ids)], ids) and batch["position_ids"][r, c] == 0
-            )
-            torch.testing.assert_close(packed[row, start : start + len(ids)], alone, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model(**batch).loss, padded, atol=1e-5, rtol=1e-5)
+        masked = model(**without_boundaries).logits  # the block-diagonal mask
+    torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-5)

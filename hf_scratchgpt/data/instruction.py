@@ -409,18 +409,18 @@ class InstructionCollator:
       exercise 7.2): only the response and its eos are, the prompt's labels are -100.
     - `packing=False`: rows right-padded with `pad_token_id` to the batch's longest example (rounded up to
       `pad_to_multiple_of`), an `attention_mask` of 1 on real tokens and 0 on padding, `labels` -100 on padding.
-    - `packing=True`: several examples share a row, padding-free as transformers' `DataCollatorWithFlattening`:
-      `position_ids` restart at 0 at each example, and there is no `attention_mask`. Given position_ids and no
-      attention mask, `create_causal_mask` (which ScratchGPT uses) reads a new example wherever the positions do
-      not go up by one, and keeps each example from attending to the others; the restarting positions also give
-      every example the position embeddings it has alone. The first token of each example is labelled -100: the
-      shifted loss would otherwise score the previous example's eos against it (unpacked, a first token is never
-      a target either). So a batch has the same targets packed or not. The examples fill rows (first fit,
-      longest first) as wide as the batch's longest example: each row costs what an unpacked row costs, with any
-      attention kernel, and there are fewer rows and less padding. `row_length` sets another width (a large one
-      gives one long row, for flash attention's variable-length kernels). A row shorter than the widest (or than
-      `pad_to_multiple_of`) ends with padding as one more example of its own (positions from 0, labels -100).
-      The batch says `use_cache=False`: with a KV cache no packing is detected.
+    - `packing=True`: the whole batch in one row, padding-free as transformers' `DataCollatorWithFlattening`:
+      `input_ids` and `labels` of shape (1, total tokens), `position_ids` that restart at 0 at each example, and
+      no `attention_mask`. Given position_ids and no attention mask, `create_causal_mask` (which ScratchGPT uses)
+      reads a new example wherever the positions do not go up by one, and keeps each example from attending to
+      the others; the restarting positions also give every example the position embeddings it has alone. The
+      boundaries also come as `cu_seq_lens_q` / `cu_seq_lens_k` and `max_length_q` / `max_length_k`, which flash
+      attention's variable-length kernels and ScratchGPT's SDPA take: each example is then attended alone, so a
+      packed row costs what its real tokens cost. The first token of each example is labelled -100: the shifted
+      loss would otherwise score the previous example's eos against it (unpacked, a first token is never a target
+      either), so a batch has the same targets packed or not. `pad_to_multiple_of` appends padding as one more
+      example of its own (positions from 0, labels -100). The batch says `use_cache=False`: with a KV cache no
+      packing is detected.
 
     Trainer drops dataset columns that the model's forward does not take, `prompt_length` among them: with
     `mask_prompt`, train with `remove_unused_columns=False`.
@@ -430,7 +430,6 @@ class InstructionCollator:
     _: KW_ONLY
     mask_prompt: bool = False
     packing: bool = False
-    row_length: int | None = None
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self):
@@ -477,39 +476,33 @@ class InstructionCollator:
             attention_mask[row, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    def _pack(self, examples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        rows = []
-        for row in self._rows(examples):
-            input_ids, labels, position_ids = [], [], []
-            for ids, example_labels in row:
-                example_labels = example_labels.clone()
-                example_labels[0] = IGNORE_INDEX  # not to be predicted from the previous example's last token
-                input_ids.append(ids)
-                labels.append(example_labels)
-                position_ids.append(torch.arange(len(ids)))
-            rows.append((torch.cat(input_ids), torch.cat(labels), torch.cat(position_ids)))
-        width = self._padded_length(max(len(ids) for ids, _, _ in rows))
-        batch = {name: torch.empty((len(rows), width), dtype=torch.long) for name in ("input_ids", "labels", "position_ids")}
-        for index, (ids, labels, positions) in enumerate(rows):
-            padding = width - len(ids)  # one more example, of padding only: positions restart, nothing to learn
-            batch["input_ids"][index] = F.pad(ids, (0, padding), value=self.pad_token_id)
-            batch["labels"][index] = F.pad(labels, (0, padding), value=IGNORE_INDEX)
-            batch["position_ids"][index] = torch.cat([positions, torch.arange(padding)])
-        # No KV cache: transformers tells packed examples apart only without a cache (nor attention mask), and a
-        # model in eval mode would otherwise build one, letting packed examples attend to each other.
-        return {**batch, "use_cache": False}
-
-    def _rows(self, examples: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list]:
-        """The examples grouped into rows of at most `row_length` tokens, or of the longest example's length (first
-        fit, longest first)."""
-        width = self.row_length or max(len(ids) for ids, _ in examples)
-        rows, room = [], []
-        for example in sorted(examples, key=lambda example: -len(example[0])):
-            fits = [index for index, free in enumerate(room) if len(example[0]) <= free]
-            if fits:
-                rows[fits[0]].append(example)
-                room[fits[0]] -= len(example[0])
-            else:
-                rows.append([example])
-                room.append(width - len(example[0]))
-        return rows
+    def _pack(self, examples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        input_ids, labels, position_ids = [], [], []
+        for ids, example_labels in examples:
+            example_labels = example_labels.clone()
+            example_labels[0] = IGNORE_INDEX  # not to be predicted from the previous example's last token
+            input_ids.append(ids)
+            labels.append(example_labels)
+            position_ids.append(torch.arange(len(ids)))
+        total = sum(len(ids) for ids in input_ids)
+        padding = self._padded_length(total) - total
+        if padding:  # one more example, of padding only: positions restart, nothing to learn
+            input_ids.append(torch.full((padding,), self.pad_token_id, dtype=torch.long))
+            labels.append(torch.full((padding,), IGNORE_INDEX, dtype=torch.long))
+            position_ids.append(torch.arange(padding))
+        lengths = torch.tensor([len(ids) for ids in input_ids])
+        cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # [0, len_1, len_1 + len_2, ..., total]
+        return {
+            "input_ids": torch.cat(input_ids).unsqueeze(0),  # (1, total)
+            "position_ids": torch.cat(position_ids).unsqueeze(0),  # (1, total)
+            "labels": torch.cat(labels).unsqueeze(0),  # (1, total)
+            # Where each example starts and ends, as flash attention's variable-length kernels (and ScratchGPT's
+            # SDPA) take them: each example is attended alone, at the cost of its own tokens.
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": int(lengths.max()),
+            "max_length_k": int(lengths.max()),
+            # No KV cache: transformers tells packed examples apart only without a cache (nor attention mask), and
+            # a model in eval mode would otherwise build one, letting packed examples attend to each other.
+            "use_cache": False,
+        }
