@@ -2,28 +2,33 @@
 
     python recipes/classify.py --model_name_or_path openai-community/gpt2 \\
         --data_file ../shared/data/sms_spam/SMSSpamCollection.tsv        # the book's run: last block + new head
-    python recipes/classify.py --config recipes/configs/classify/scratchgpt_small.yaml \\
-        --data_file ../shared/data/sms_spam/SMSSpamCollection.tsv        # offline: runs/pretrain-default, minutes
+    python recipes/classify.py --data_file ../shared/data/sms_spam/SMSSpamCollection.tsv
+                                              # offline: the main job's runs/pretrain-default, scratchgpt_small.yaml
     python recipes/classify.py --model_name_or_path MODEL --train_file reviews.csv \\
         --text_column review --label_column stars                        # your own data: any columns, any labels
     torchrun --nproc_per_node 2 recipes/classify.py ...                   # several processes (DDP)
 
-Settings come from `--config FILE.yaml` (default: recipes/configs/classify/book_chapter6.yaml) and flags, which
-win. The run: labelled texts (a CSV, TSV, JSON, JSON Lines or Parquet file, a Hub dataset, or the book's SMS
-file) -> train / validation / test (given, or a stratified 70/10/20 split; the book's balanced one for the SMS
-file) -> token ids -> a pretrained ScratchGPT or GPT-2 with a new head on its last token, one output per class
--> train what `--trainable` says (resumable) -> save (LoRA merged; the label names in the config) -> accuracy,
-precision, recall, F1 (macro and per class) and the confusion matrix -> metrics.json, loss and confusion plots,
-model card.
+Settings come from `--config FILE.yaml` and flags, which win. Without `--config`, the model chooses: GPT-2 (and
+models as wide) gets the book's settings (configs/classify/book_chapter6.yaml), a narrower ScratchGPT those
+measured for the main job's model (configs/classify/scratchgpt_small.yaml), which is also the model when none is
+named: `python recipes/pretrain.py`, then `python recipes/classify.py --data_file SMSSpamCollection.tsv`, runs
+offline.
+
+The run: labelled texts (a CSV, TSV, JSON, JSON Lines or Parquet file, a Hub dataset, or the book's SMS file)
+-> train / validation / test (given, or a stratified 70/10/20 split; the book's balanced one for the SMS file)
+-> token ids -> a pretrained ScratchGPT or GPT-2 with a new head on its last token, one output per class -> train
+what `--trainable` says (resumable) -> save (LoRA merged; the label names in the config) -> accuracy, precision,
+recall, F1 (macro and per class) and the confusion matrix -> metrics.json, loss and confusion plots, model card.
 """
 
 import json
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from transformers import DataCollatorWithPadding
+from transformers import AutoConfig, DataCollatorWithPadding
 
 from hf_scratchgpt import ScratchGPTForSequenceClassification
 from hf_scratchgpt.classify import ClassificationMetrics, confusion_table, plot_confusion_matrix
@@ -41,7 +46,9 @@ from hf_scratchgpt.hub import is_local_path
 from hf_scratchgpt.recipe import check_vocabulary, finish_recipe, run_recipe, start_recipe
 from hf_scratchgpt.training import LossPlotCallback, ScratchGPTTrainer
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "classify" / "book_chapter6.yaml"
+CONFIGS = Path(__file__).parent / "configs" / "classify"
+BOOK_CONFIG = CONFIGS / "book_chapter6.yaml"  # GPT-2 and models of its width: the book's settings
+SMALL_CONFIG = CONFIGS / "scratchgpt_small.yaml"  # narrower ScratchGPTs, such as the main job's runs/pretrain-default
 
 
 @dataclass
@@ -86,7 +93,8 @@ class DataArguments:
 
 
 def main(argv=None) -> dict:
-    run = start_recipe("classify", (FinetuningArguments, DataArguments), argv, default_config=DEFAULT_CONFIG)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run = start_recipe("classify", (FinetuningArguments, DataArguments), argv, default_config=default_config(argv))
     model_args, data_args = run.args
 
     tokenizer = load_tokenizer(model_args)
@@ -146,6 +154,24 @@ def main(argv=None) -> dict:
               + ", ".join(f"{label} {metrics[f'test_f1_{label}']:.4f}" for label in labels)
               + f"); saved to {run.training.output_dir}")
     return metrics
+
+
+def default_config(argv: list[str]) -> Path | None:
+    """The settings of a run without `--config`: the book's for GPT-2 and models as wide (768 and more); for a
+    narrower ScratchGPT, or none named (then the main job's runs/pretrain-default), those measured for it."""
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+        return None  # start_recipe reads the one given
+    model = next((value for flag, value in zip(argv, argv[1:]) if flag == "--model_name_or_path"), None)
+    model = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--model_name_or_path=")), model)
+    if model is None:
+        return SMALL_CONFIG
+    try:
+        width = AutoConfig.from_pretrained(model).hidden_size
+    except (OSError, ValueError):
+        return BOOK_CONFIG  # loading the model will say what is wrong with it
+    chosen = BOOK_CONFIG if width >= 768 else SMALL_CONFIG
+    print(f"classify: no --config: {chosen.name} for a model {width} wide")
+    return chosen
 
 
 def check_splits(features, training_args) -> None:

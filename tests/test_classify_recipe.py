@@ -13,11 +13,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    TrainingArguments,
+    pipeline,
+)
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM, ScratchGPTForSequenceClassification
 from hf_scratchgpt.data import load_sms_spam, sms_spam_splits
 from hf_scratchgpt.finetuning import FinetuningArguments, load_pretrained, merge_adapters, select_trainable
+from hf_scratchgpt.recipe import RecipeArguments, parse_recipe_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "classify.py"
@@ -47,6 +55,7 @@ def base_model(tmp_path_factory, gpt2) -> Path:
 
 def run_args(model, data, out, *extra) -> list[str]:
     return [
+        "--config", str(classify.BOOK_CONFIG),  # the book's settings, which these tests were written for
         "--model_name_or_path", str(model), "--data_file", str(data), "--output_dir", str(out),
         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--max_length", "64",
         "--logging_steps", "2", "--report_to", "none", "--disable_tqdm", "true", *extra,
@@ -208,7 +217,7 @@ def write_csv(path: Path, rows, header=("id", "message", "topic")) -> Path:
 
 def file_args(model, out, *extra) -> list[str]:
     return [
-        "--model_name_or_path", str(model), "--output_dir", str(out), "--per_device_train_batch_size", "8",
+        "--config", str(classify.BOOK_CONFIG), "--model_name_or_path", str(model), "--output_dir", str(out), "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
         "--eval_strategy", "no", "--save_strategy", "no", *extra,
     ]
@@ -357,3 +366,21 @@ def test_bad_data_is_one_line_before_training(base_model, tmp_path, rows, flags,
         classify.main(file_args(base_model, tmp_path / "out", "--train_file", str(data), *flags))
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()  # nothing trained, nothing saved
+
+
+def test_without_config_the_model_chooses_the_settings(base_model, tmp_path):
+    wide = tmp_path / "wide"
+    ScratchGPTConfig.from_preset("gpt2-small").save_pretrained(wide)  # only its config.json is read
+    assert classify.default_config(["--model_name_or_path", str(wide)]) == classify.BOOK_CONFIG
+    assert classify.default_config([f"--model_name_or_path={base_model}"]) == classify.SMALL_CONFIG  # 32 wide
+    assert classify.default_config(["--data_file", "x.tsv"]) == classify.SMALL_CONFIG  # runs/pretrain-default
+    assert classify.default_config(["--model_name_or_path", str(wide), "--config", "mine.yaml"]) is None
+    assert classify.default_config(["--model_name_or_path", "./missing"]) == classify.BOOK_CONFIG  # errors later
+    # Every shipped config parses (no unknown key) and keeps the book's seeds; the small model's names the main job's.
+    for config in sorted(classify.CONFIGS.glob("*.yaml")):
+        model, data, _, training = parse_recipe_args(
+            (FinetuningArguments, classify.DataArguments, RecipeArguments, TrainingArguments),
+            ["--config", str(config), "--data_file", "SMSSpamCollection.tsv"],
+        )
+        assert training.seed == data.split_seed == 123, config
+        assert (model.model_name_or_path == "runs/pretrain-default") == config.stem.startswith("scratchgpt"), config
