@@ -31,7 +31,7 @@ from typing import ClassVar
 from transformers import AutoConfig, DataCollatorWithPadding
 
 from hf_scratchgpt import ScratchGPTForSequenceClassification
-from hf_scratchgpt.classify import ClassificationMetrics, confusion_table, plot_confusion_matrix
+from hf_scratchgpt.classify import ClassificationMetrics, confusion_table, plot_confusion_matrix, soften_attention
 from hf_scratchgpt.data import classification_features, classification_splits
 from hf_scratchgpt.finetuning import (
     FinetuningArguments,
@@ -92,10 +92,23 @@ class DataArguments:
         return {k: v for k, v in asdict(self).items() if k != "max_length"}
 
 
+@dataclass
+class ClassifierArguments:
+    soften_attention: float | None = field(
+        default=None, metadata={"help": "Scale every block's queries and keys by this before training (0.1: nearly "
+                                "uniform attention to start from; helps a small pretrained model); default: off."}
+    )
+
+    def __post_init__(self):
+        if self.soften_attention is not None and not 0 <= self.soften_attention <= 1:
+            raise ValueError(f"--soften_attention must be in [0, 1], got {self.soften_attention}")
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    run = start_recipe("classify", (FinetuningArguments, DataArguments), argv, default_config=default_config(argv))
-    model_args, data_args = run.args
+    run = start_recipe("classify", (FinetuningArguments, DataArguments, ClassifierArguments), argv,
+                       default_config=default_config(argv))
+    model_args, data_args, classifier_args = run.args
 
     tokenizer = load_tokenizer(model_args)
     with run.training.main_process_first(desc="classification data"):  # the others read its datasets cache
@@ -118,6 +131,8 @@ def main(argv=None) -> dict:
     check_splits(features, run.training)
     # The saved tokenizer cuts texts where training did: pipeline(..., truncation=True), scratchgpt-classify.
     tokenizer.model_max_length = data_args.max_length or max(map(len, features["train"]["input_ids"]))
+    if classifier_args.soften_attention is not None:  # also when resuming: LoRA's checkpoints hold no base weights
+        soften_attention(model, classifier_args.soften_attention)
     model = select_trainable(model, model_args)
     if run.training.process_index == 0:
         counts = Counter(features["train"]["label"])
@@ -164,6 +179,7 @@ def default_config(argv: list[str]) -> Path | None:
     model = next((value for flag, value in zip(argv, argv[1:]) if flag == "--model_name_or_path"), None)
     model = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--model_name_or_path=")), model)
     if model is None:
+        print(f"classify: no --config, no --model_name_or_path: {SMALL_CONFIG.name}, the main job's model")
         return SMALL_CONFIG
     try:
         width = AutoConfig.from_pretrained(model).hidden_size

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForSequenceClassification
-from hf_scratchgpt.classify import ClassificationMetrics, classify_texts, confusion_table, main, plot_confusion_matrix
+from hf_scratchgpt.classify import (
+    ClassificationMetrics,
+    classify_texts,
+    confusion_table,
+    main,
+    plot_confusion_matrix,
+    soften_attention,
+)
 from hf_scratchgpt.data import default_corpus
 from hf_scratchgpt.tokenization import train_bpe_tokenizer
 
@@ -120,3 +127,24 @@ def test_metrics_of_a_trainer_prediction_per_class_and_the_confusion_matrix():
 def test_confusion_matrix_plot_is_a_png(tmp_path):
     path = plot_confusion_matrix([[5, 1], [0, 7]], ["ham", "spam"], tmp_path / "confusion_matrix.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_softened_attention_scales_queries_and_keys_and_at_zero_attends_evenly():
+    torch.manual_seed(0)
+    config = ScratchGPTConfig.from_preset("tiny", num_labels=2, attn_implementation="eager", drop_rate=0.0)
+    model = ScratchGPTForSequenceClassification(config).eval()
+    before = model.model.trf_blocks[0].att.qkv.weight.clone()
+    soften_attention(model, 0.5)
+    after = model.model.trf_blocks[0].att.qkv.weight
+    width = config.emb_dim
+    torch.testing.assert_close(after[: 2 * width], 0.5 * before[: 2 * width])  # queries and keys
+    torch.testing.assert_close(after[2 * width :], before[2 * width :])  # values untouched
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    sharp = model(ids, output_attentions=True).attentions[0]
+    soften_attention(model, 0.0)
+    even = model(ids, output_attentions=True).attentions[0]  # (B, nh, T, T)
+    expected = torch.tril(torch.ones(7, 7)) / torch.arange(1, 8).unsqueeze(1)  # row i: 1 / (i + 1) on its prefix
+    torch.testing.assert_close(even, expected.expand_as(even))
+    assert not torch.allclose(sharp, expected.expand_as(sharp), atol=1e-3)  # before, it was not even
+    with pytest.raises(ValueError, match=r"--soften_attention must be in \[0, 1\], got 2"):
+        soften_attention(model, 2)

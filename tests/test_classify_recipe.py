@@ -163,6 +163,7 @@ def test_starts_from_a_gpt2_checkpoint(gpt2, tmp_path):
         (["--model_name_or_path", "./no-model"], r"--model_name_or_path ./no-model: no such file or folder"),
         (["--data_file", "missing.tsv"], r"--data_file missing.tsv: no such file or folder"),
         (["--max_length", "4096"], r"max_length 4096 is longer than the model's context_length of 128"),
+        (["--soften_attention", "2"], r"--soften_attention must be in \[0, 1\], got 2.0"),
     ],
 )
 def test_bad_input_raises_before_training(base_model, spam_file, tmp_path, flags, message):
@@ -378,8 +379,9 @@ def test_without_config_the_model_chooses_the_settings(base_model, tmp_path):
     assert classify.default_config(["--model_name_or_path", "./missing"]) == classify.BOOK_CONFIG  # errors later
     # Every shipped config parses (no unknown key) and keeps the book's seeds; the small model's names the main job's.
     for config in sorted(classify.CONFIGS.glob("*.yaml")):
-        model, data, _, training = parse_recipe_args(
-            (FinetuningArguments, classify.DataArguments, RecipeArguments, TrainingArguments),
+        model, data, _, _, training = parse_recipe_args(
+            (FinetuningArguments, classify.DataArguments, classify.ClassifierArguments, RecipeArguments,
+             TrainingArguments),
             ["--config", str(config), "--data_file", "SMSSpamCollection.tsv"],
         )
         assert training.seed == data.split_seed == 123, config
