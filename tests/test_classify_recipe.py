@@ -218,7 +218,8 @@ def write_csv(path: Path, rows, header=("id", "message", "topic")) -> Path:
 
 def file_args(model, out, *extra) -> list[str]:
     return [
-        "--config", str(classify.BOOK_CONFIG), "--model_name_or_path", str(model), "--output_dir", str(out), "--per_device_train_batch_size", "8",
+        "--config", str(classify.BOOK_CONFIG), "--model_name_or_path", str(model), "--output_dir", str(out),
+        "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
         "--eval_strategy", "no", "--save_strategy", "no", *extra,
     ]
