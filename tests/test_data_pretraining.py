@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
@@ -9,6 +10,7 @@ from transformers import default_data_collator
 
 from hf_scratchgpt.data.classification import load_sms_spam
 from hf_scratchgpt.data.pretraining import (
+    TokenWindows,
     default_corpus,
     load_text_dataset,
     pretraining_windows,
@@ -31,9 +33,13 @@ class GPTDatasetV1:
             self.target_ids.append(target_chunk)
 
 
+def ids(row) -> list[int]:
+    return np.asarray(row).tolist()  # a TokenWindows row holds numpy arrays, a stream's row lists
+
+
 def assert_book_windows(windows, book: GPTDatasetV1) -> None:
     """input_ids are the book's inputs; labels are input_ids, whose shift gives the book's targets but the last."""
-    rows = list(windows)
+    rows = [{key: ids(value) for key, value in row.items()} for row in windows]
     assert [row["input_ids"] for row in rows] == book.input_ids
     assert all(row["labels"] == row["input_ids"] for row in rows)
     assert [row["labels"][1:] for row in rows] == [target[:-1] for target in book.target_ids]
@@ -63,7 +69,7 @@ def sms_texts(shared_data: Path) -> list[str]:
 @pytest.mark.parametrize("length, stride", [(4, 4), (4, 1), (256, 256), (256, 128), (7, 10), (1, 1)])
 def test_windows_are_the_books(gpt2, tiktoken_gpt2, verdict, shared_data, length, stride, streaming):
     windows = pretraining_windows(shared_data / "the-verdict.txt", gpt2, length, stride, streaming=streaming)
-    assert isinstance(windows, IterableDataset if streaming else Dataset)
+    assert isinstance(windows, IterableDataset if streaming else TokenWindows)
     assert_book_windows(windows, GPTDatasetV1(verdict, tiktoken_gpt2, max_length=length, stride=stride))
 
 
@@ -93,14 +99,14 @@ def test_windows_of_selected_rows(gpt2, tiktoken_gpt2, sms_texts):
 def test_disjoint_windows_tile_the_tokens(gpt2, verdict):
     windows = pretraining_windows([verdict], gpt2, length=100)  # stride defaults to length
     tokens = gpt2.encode(verdict)
-    assert sum(windows["input_ids"], []) == tokens[: len(windows) * 100]
+    assert sum((ids(row["input_ids"]) for row in windows), []) == tokens[: len(windows) * 100]
     assert len(windows) == (len(tokens) - 1) // 100
 
 
 def test_windows_batch_with_the_default_collator(gpt2, verdict):
     windows = pretraining_windows([verdict], gpt2, length=32)
     row = windows[0]
-    assert all(isinstance(token, int) for token in row["input_ids"])
+    assert row["input_ids"].dtype == np.int64 and row["input_ids"].shape == (32,)
     batch = default_data_collator([windows[i] for i in range(4)])
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 32)
     assert batch["labels"].dtype == torch.long  # cross-entropy needs long targets

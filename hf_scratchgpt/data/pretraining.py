@@ -26,31 +26,32 @@ shuffles whole documents with a seed instead.
 such as labels, so the later chapters load and tokenize their data with them too (`classification.py`).
 """
 
+import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from datasets import (
     Dataset,
     DatasetDict,
     Features,
     IterableDataset,
     IterableDatasetDict,
-    List,
     Value,
     load_dataset,
 )
 from transformers import PreTrainedTokenizerBase
 
 from ..hub import is_local_path
+from .token_store import CorpusPart, TokenWindows, stream_windows, token_store
 
 
 __all__ = [
     "TextSource",
+    "CorpusPart",
+    "TokenWindows",
+    "corpus_parts",
     "default_corpus",
     "load_text_dataset",
     "tokenize_dataset",
@@ -190,8 +191,41 @@ def _tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, text_column
     return {"input_ids": encoded["input_ids"]}
 
 
+def corpus_parts(
+    corpus: TextSource,
+    train_fraction: float | None = None,
+    *,
+    by: Literal["characters", "documents"] = "characters",
+    seed: int = 123,
+    text_column: str = "text",
+    split: str = "train",
+    streaming: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> CorpusPart | dict[str, CorpusPart]:
+    """A corpus as it will be read, nothing read yet: one `CorpusPart`, or "train" and "validation" parts.
+
+    Files are read in pieces from disk (never whole); anything else through `load_text_dataset`. With a
+    `train_fraction`, the parts are the two sides of `split_corpus`'s split (`by`, `seed`).
+    """
+    if train_fraction is not None and not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be between 0 and 1, got {train_fraction!r}")
+    if by not in ("characters", "documents"):
+        raise ValueError(f"by must be 'characters' or 'documents', got {by!r}")
+    if isinstance(corpus, (str, os.PathLike)) and is_local_path(corpus) or _is_path_list(corpus):
+        documents = tuple(_text_files(corpus))
+    else:
+        documents = load_text_dataset(corpus, text_column, split=split, streaming=streaming, cache_dir=cache_dir)
+    if train_fraction is None:
+        return CorpusPart(documents, text_column)
+    return {side: CorpusPart(documents, text_column, (by, train_fraction, seed, side)) for side in ("train", "validation")}
+
+
+def _is_path_list(corpus) -> bool:
+    return isinstance(corpus, (list, tuple)) and bool(corpus) and all(isinstance(item, os.PathLike) for item in corpus)
+
+
 def pretraining_windows(
-    corpus: TextSource | DatasetDict | IterableDatasetDict,
+    corpus: TextSource | CorpusPart | DatasetDict | IterableDatasetDict | dict[str, CorpusPart],
     tokenizer: PreTrainedTokenizerBase,
     length: int,
     stride: int | None = None,
@@ -200,98 +234,48 @@ def pretraining_windows(
     num_proc: int | None = None,
     streaming: bool = False,
     cache_dir: str | os.PathLike | None = None,
-) -> Dataset | IterableDataset | DatasetDict | IterableDatasetDict:
-    """The book's sliding windows over a corpus: rows of `input_ids` and `labels`, `length` ints each.
+) -> TokenWindows | IterableDataset | dict[str, TokenWindows | IterableDataset]:
+    """The book's sliding windows over a corpus: rows of `input_ids` and `labels`, `length` ids each.
 
     Args:
-        corpus: anything `load_text_dataset` reads, or a dict of splits (each split gets its own windows).
+        corpus: anything `load_text_dataset` reads, a `CorpusPart`, or a dict of splits (each gets its windows).
         tokenizer: its `eos_token` goes between documents.
         length: tokens per window (the book's `max_length`); at most the model's context length.
         stride: tokens between the starts of two windows; `length` (the default) for disjoint windows.
-        num_proc: processes for tokenizing a `Dataset`.
-        streaming: produce the windows lazily from a stream (an `IterableDataset`).
+        num_proc: processes for tokenizing.
+        streaming: cut the windows while the corpus is read (an `IterableDataset`), storing nothing.
+        cache_dir: where the token ids are stored (default: `datasets`' cache); see `token_store`.
 
     Windows are `input_ids = labels = token_ids[i : i + length]` for `i` in the book's
-    `range(0, len(token_ids) - length, stride)`: see the module docstring.
+    `range(0, len(token_ids) - length, stride)`: see the module docstring. Without streaming they are a
+    `TokenWindows`, read from token ids on disk that are tokenized once and reused by later calls.
     """
     stride = length if stride is None else stride
     for name, value in (("length", length), ("stride", stride)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-    def windows_of(source: TextSource, where: str) -> Dataset | IterableDataset:
-        dataset = load_text_dataset(source, text_column, streaming=streaming, cache_dir=cache_dir)
-        documents = tokenize_dataset(dataset, tokenizer, text_column=text_column, num_proc=num_proc)
-        return _cut_windows(documents.select_columns(["input_ids"]), length, stride, tokenizer.eos_token_id, where)
+    def windows_of(part: CorpusPart) -> TokenWindows | IterableDataset:
+        if streaming or isinstance(part.documents, IterableDataset):
+            return stream_windows(part, tokenizer, length, stride)
+        return TokenWindows(token_store(part, tokenizer, num_proc=num_proc, cache_dir=cache_dir), length, stride, part.name)
 
-    if not isinstance(corpus, (DatasetDict, IterableDatasetDict)):
-        return windows_of(corpus, "the corpus")
-    windows = {name: windows_of(split, f"the {name!r} split") for name, split in corpus.items()}
-    streamed = any(isinstance(split, IterableDataset) for split in windows.values())
-    return IterableDatasetDict(windows) if streamed else DatasetDict(windows)
-
-
-def _cut_windows(
-    documents: Dataset | IterableDataset, length: int, stride: int, eos_id: int | None, where: str
-) -> Dataset | IterableDataset:
-    """Windows over tokenized documents: cut in memory with numpy, or by a generator over a stream."""
-    ids = List(Value("int64"), length=length)  # int64: the loss wants long labels
-    features = Features({"input_ids": ids, "labels": ids})
-    if isinstance(documents, IterableDataset):
-        options = dict(documents=documents, length=length, stride=stride, eos_id=eos_id, where=where)
-        return IterableDataset.from_generator(_stream_windows, gen_kwargs=options, features=features)
-    tokens = _joined_tokens(documents, eos_id)
-    _check_enough_tokens(len(tokens), length, where)
-    starts = np.arange(0, len(tokens) - length, stride)  # the book's range(0, len(token_ids) - max_length, stride)
-    windows = np.lib.stride_tricks.sliding_window_view(tokens, length)[starts]  # (windows, length)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1)), length)
-    return Dataset.from_dict({"input_ids": column, "labels": column}, features=features)
-
-
-def _joined_tokens(documents: Dataset, eos_id: int | None) -> np.ndarray:
-    """All documents' ids in one array with `eos_id` between consecutive documents: `eos.join(documents)`."""
-    if eos_id is None and len(documents) > 1:
-        raise ValueError("the tokenizer has no eos_token to put between documents")
-    column = documents.with_format("arrow")["input_ids"]  # honours select/shuffle, unlike `documents.data`
-    ids = pc.list_flatten(column).to_numpy().astype(np.int64)
-    document_ends = np.cumsum(pc.list_value_length(column).to_numpy())[:-1]
-    return ids if len(document_ends) == 0 else np.insert(ids, document_ends, eos_id)
-
-
-def _stream_windows(
-    documents: IterableDataset, length: int, stride: int, eos_id: int | None, where: str
-) -> Iterator[dict]:
-    """The same windows as in memory, from a rolling buffer over a stream of tokenized documents."""
-    buffer: list[int] = []
-    start = 0  # where the next window starts, in `buffer`; past its end while a long stride skips tokens
-    seen_tokens = windows = 0
-    for index, document in enumerate(documents):
-        if index > 0:
-            if eos_id is None:
-                raise ValueError("the tokenizer has no eos_token to put between documents")
-            buffer.append(eos_id)
-        buffer.extend(document["input_ids"])
-        seen_tokens += len(document["input_ids"]) + (index > 0)
-        while len(buffer) - start > length:  # a window and the token after it, as the book's range end
-            window = buffer[start : start + length]
-            yield {"input_ids": window, "labels": window}
-            windows += 1
-            start += stride
-        consumed = min(start, len(buffer))
-        del buffer[:consumed]
-        start -= consumed
-    if windows == 0:
-        _check_enough_tokens(seen_tokens, length, where)
-
-
-def _check_enough_tokens(num_tokens: int, length: int, where: str) -> None:
-    if num_tokens == 0:
-        raise ValueError(f"{where} is empty: its documents hold no tokens")
-    if num_tokens <= length:
-        raise ValueError(
-            f"{where} has {num_tokens} tokens, fewer than one window needs: {length + 1} "
-            f"(length {length} + 1, as the book's GPTDatasetV1)"
+    if isinstance(corpus, CorpusPart):
+        return windows_of(corpus)
+    if not isinstance(corpus, (dict, DatasetDict, IterableDatasetDict)):
+        return windows_of(corpus_parts(corpus, text_column=text_column, streaming=streaming, cache_dir=cache_dir))
+    parts = {
+        name: split if isinstance(split, CorpusPart) else CorpusPart(
+            load_text_dataset(split, text_column, streaming=streaming), text_column, split=None
         )
+        for name, split in corpus.items()
+    }
+    return {name: windows_of(_named(part, name)) for name, part in parts.items()}
+
+
+def _named(part: CorpusPart, name: str) -> CorpusPart:
+    """A whole-corpus part that error messages call `the '<name>' split`."""
+    return dataclasses.replace(part, label=f"the {name!r} split") if part.split is None else part
 
 
 def split_corpus(
@@ -302,40 +286,19 @@ def split_corpus(
     seed: int = 123,
     text_column: str = "text",
 ) -> DatasetDict:
-    """Split a corpus into "train" and "validation" texts, before windowing.
+    """Split a corpus into "train" and "validation" texts in memory, before windowing.
 
     `by="characters"` is the book's chapter 5 split, deterministic: the first `int(train_fraction * n)` of
     the corpus' `n` characters train, the rest validate (the document holding the cut is cut in two).
     `by="documents"` shuffles whole documents with `seed` and keeps `train_fraction` of them for training.
-    `corpus` is anything `load_text_dataset` reads but a stream; only the text column is kept.
+    `corpus` is anything `load_text_dataset` reads but a stream; only the text column is kept. A corpus larger
+    than memory is split as it is read, by the `corpus_parts` this function reads.
     """
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be between 0 and 1, got {train_fraction!r}")
-    dataset = load_text_dataset(corpus, text_column)
-    if not isinstance(dataset, Dataset):
+    parts = corpus_parts(corpus, train_fraction, by=by, seed=seed, text_column=text_column)
+    if parts["train"].num_documents is None:
         raise ValueError("split_corpus cannot split a stream: give a streamed corpus its own validation corpus")
-    dataset = dataset.select_columns([text_column])
-    if by == "documents":
-        if len(dataset) < 2:
-            raise ValueError(f"cannot split {len(dataset)} document by documents; split by characters")
-        parts = dataset.train_test_split(train_size=train_fraction, seed=seed)
-        return DatasetDict(train=parts["train"], validation=parts["test"])
-    if by != "characters":
-        raise ValueError(f"by must be 'characters' or 'documents', got {by!r}")
-    texts = dataset[text_column]
-    cut = int(train_fraction * sum(len(text) for text in texts))  # the book: int(train_ratio * len(text_data))
-    train, validation, seen = [], [], 0
-    for text in texts:
-        if seen + len(text) <= cut:
-            train.append(text)
-        elif seen >= cut:
-            validation.append(text)
-        else:
-            train.append(text[: cut - seen])
-            validation.append(text[cut - seen :])
-        seen += len(text)
     features = _text_features(text_column)
-    return DatasetDict(
-        train=Dataset.from_dict({text_column: train}, features=features),
-        validation=Dataset.from_dict({text_column: validation}, features=features),
-    )
+    return DatasetDict({
+        side: Dataset.from_dict({text_column: ["".join(text) for text in part.documents_text()]}, features=features)
+        for side, part in parts.items()
+    })
