@@ -105,7 +105,7 @@ def finish_recipe(
     trainer.save_model()  # weights, config with auto_map, code files, tokenizer, generation config
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
-    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    metrics = final_evaluation(trainer) if trainer.eval_dataset is not None else {}
     if test_dataset is not None:
         metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
     if after_evaluate is not None:
@@ -122,6 +122,15 @@ def finish_recipe(
     if run.training.push_to_hub:
         trainer.push_to_hub()
     return metrics
+
+
+def final_evaluation(trainer: Trainer) -> dict:
+    """The metrics of the trained model: those of the evaluation `Trainer` ran at its last step, if it did (it does
+    with eval_strategy "steps" since transformers 5), else of a new one. The validation data is evaluated once."""
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evaluations and evaluations[-1].get("step") == trainer.state.global_step:
+        return {name: value for name, value in evaluations[-1].items() if name != "step"}
+    return trainer.evaluate()
 
 
 def run_recipe(main: Callable[[], object]) -> None:
@@ -286,6 +295,7 @@ __all__ = [
     "check_output_dir",
     "check_paths",
     "check_vocabulary",
+    "final_evaluation",
     "finish_recipe",
     "given_settings",
     "parse_recipe_args",

@@ -4,21 +4,26 @@
     python recipes/pretrain.py --config recipes/configs/pretrain/book_chapter5.yaml \\
         --train_file the-verdict.txt --tokenizer path/to/gpt2/files   # the book's run
     torchrun --nproc_per_node 2 recipes/pretrain.py ...               # several processes (DDP)
+    torchrun --nnodes 2 --node_rank 0 ... recipes/pretrain.py ...     # several machines (one command on each)
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/pretrain.py ...
 
 Settings come from `--config FILE.yaml` (default: recipes/configs/pretrain/default.yaml) and flags, which win.
-The run: corpus -> tokenizer (trained on the corpus, or GPT-2's) -> sliding windows -> train (resumable from
-its checkpoints) -> save model, tokenizer, code and model card -> loss plot -> a sample generation.
+The run: corpus -> tokenizer (trained on the corpus, or GPT-2's) -> token ids on disk (made once, reused by every
+process and by later runs) -> sliding windows -> train (resumable from its checkpoints) -> save model, tokenizer,
+code and model card -> loss plot -> a sample generation. With --streaming, windows are cut as the corpus is read.
 """
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from datasets import IterableDataset
+from torch.utils.data import Subset
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
-from hf_scratchgpt.data import default_corpus, load_text_dataset, pretraining_windows, split_corpus
+
+from hf_scratchgpt.data import CorpusPart, corpus_parts, default_corpus, pretraining_windows
 from hf_scratchgpt.recipe import check_enough_data, check_vocabulary, finish_recipe, run_recipe, start_recipe
 from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
 from hf_scratchgpt.training import LossPlotCallback, SampleGenerationCallback, ScratchGPTTrainer, generate_sample
@@ -73,7 +78,22 @@ class DataArguments:
                   "encoder.json + vocab.bpe, a saved tokenizer, or a Hub id. Default when continuing: the model's."},
     )
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of a BPE tokenizer trained here."})
+    validation_split: str | None = field(
+        default=None,
+        metadata={"help": "Split of --dataset_name to validate on, instead of holding out --validation_fraction."},
+    )
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Cut windows while the corpus is read, storing nothing; the run is --max_steps long."},
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N validation windows only (default: all)."}
+    )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the token ids on disk (default: datasets' cache); shared by all machines."},
+    )
     sample_prompt: str = field(default="Every effort moves you", metadata={"help": "Prompt of the sample text."})
     sample_max_new_tokens: int = field(default=50, metadata={"help": "Tokens generated for each sample."})
 
@@ -84,6 +104,10 @@ class DataArguments:
             raise ValueError("--sample_prompt is empty: the sample at each evaluation needs a prompt to continue")
         if self.sample_max_new_tokens < 1:
             raise ValueError(f"--sample_max_new_tokens must be at least 1, got {self.sample_max_new_tokens}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples must be at least 1, got {self.max_eval_samples}")
+        if self.validation_split and not self.dataset_name:
+            raise ValueError("--validation_split names a split of --dataset_name: give --dataset_name too")
 
 
 def main(argv=None) -> dict:
@@ -93,22 +117,30 @@ def main(argv=None) -> dict:
     if model_args.model_name_or_path:
         check_continuing(model_args, data_args, run.given)
 
-    # Rank 0 trains the tokenizer and tokenizes (cached by datasets); the other ranks then read its results.
-    with training_args.main_process_first(desc="tokenizer and windows"):
-        corpus = split_corpus(
-            load_corpus(data_args), 1 - data_args.validation_fraction, by=data_args.split_by, seed=training_args.seed
-        )
-        tokenizer = build_tokenizer(model_args, data_args, corpus["train"], training_args, run.checkpoint)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in")
+
+    # The global main process (rank 0 of all machines) trains and saves the tokenizer and stores the token ids; the
+    # others wait for it, then read both.
+    with training_args.main_process_first(local=False, desc="tokenizer and token ids"):
+        parts = load_corpus(data_args, training_args.seed)
+        tokenizer = build_tokenizer(model_args, data_args, parts["train"], training_args, run.checkpoint)
         model = build_model(model_args, tokenizer, run.common.attn_implementation)
         context = model.config.context_length
-        windows = pretraining_windows(corpus, tokenizer, context, data_args.stride, num_proc=data_args.num_proc)
-    check_enough_data(windows, training_args, f"windows of {context} tokens", "--context_length")
+        windows = pretraining_windows(
+            parts, tokenizer, context, data_args.stride, num_proc=data_args.num_proc, streaming=data_args.streaming,
+            cache_dir=data_args.data_cache_dir,
+        )
+    if not data_args.streaming:
+        check_enough_data(windows, training_args, f"windows of {context} tokens", "--context_length")
+    print(describe_windows(windows, context, training_args.process_index))
+    eval_windows = first_windows(windows["validation"], data_args.max_eval_samples)
 
     trainer = ScratchGPTTrainer(
         model=model,
         args=training_args,
         train_dataset=windows["train"],
-        eval_dataset=windows["validation"],
+        eval_dataset=eval_windows,
         processing_class=tokenizer,
         callbacks=[
             SampleGenerationCallback(tokenizer, data_args.sample_prompt, data_args.sample_max_new_tokens),
@@ -147,13 +179,42 @@ def check_continuing(model_args: ModelArguments, data_args: DataArguments, given
         )
 
 
-def load_corpus(data_args: DataArguments):
+def load_corpus(data_args: DataArguments, seed: int) -> dict[str, CorpusPart]:
+    """The training and validation parts of the corpus, nothing read yet (files are read in pieces, never whole)."""
     if data_args.train_file:
         files = data_args.train_file
-        return load_text_dataset(files[0] if len(files) == 1 else [Path(f) for f in files])
-    if data_args.dataset_name:
-        return load_text_dataset(data_args.dataset_name, data_args.text_column, split=data_args.dataset_split)
-    return load_text_dataset(default_corpus())
+        corpus = files[0] if len(files) == 1 else [Path(f) for f in files]
+    else:
+        corpus = data_args.dataset_name or default_corpus()
+    options = dict(text_column=data_args.text_column, streaming=data_args.streaming)
+    if data_args.validation_split:
+        return {
+            side: corpus_parts(corpus, split=split, **options)
+            for side, split in (("train", data_args.dataset_split), ("validation", data_args.validation_split))
+        }
+    fraction = 1 - data_args.validation_fraction
+    return corpus_parts(corpus, fraction, by=data_args.split_by, seed=seed, split=data_args.dataset_split, **options)
+
+
+def describe_windows(windows: dict, context: int, process_index: int) -> str:
+    """One line per process: how many windows, and whether the token ids were reused from disk or made now."""
+    if isinstance(windows["train"], IterableDataset):
+        return f"data (process {process_index}): windows of {context} tokens, streamed"
+    store = windows["train"].store
+    made = "reused" if store.reused else "tokenized now"
+    return (
+        f"data (process {process_index}): {len(windows['train'])} training and {len(windows['validation'])} "
+        f"validation windows of {context} tokens; token ids in {store.path} ({made})"
+    )
+
+
+def first_windows(windows, count: int | None):
+    """The first `count` windows (all when `count` is None): --max_eval_samples, as transformers' run_clm.py."""
+    if count is None:
+        return windows
+    if isinstance(windows, IterableDataset):
+        return windows.take(count)
+    return Subset(windows, range(min(count, len(windows))))
 
 
 def describe_corpus(data_args: DataArguments) -> str:
@@ -162,9 +223,12 @@ def describe_corpus(data_args: DataArguments) -> str:
     return data_args.dataset_name or "the Python language reference (Python's `pydoc_data.topics`)"
 
 
-def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_texts, training_args, checkpoint):
+def build_tokenizer(
+    model_args: ModelArguments, data_args: DataArguments, train_part: CorpusPart, training_args, checkpoint
+):
     """The tokenizer of the checkpoint being resumed, of the model being continued, or the one `--tokenizer` names;
-    else a BPE tokenizer trained on the training text by the main process and saved in output_dir for the others."""
+    else a BPE tokenizer trained on the training text by the global main process and saved in output_dir, where
+    the others (on every machine) read it once it is there."""
     if checkpoint is not None:
         return gpt2_tokenizer_from_dir(checkpoint)
     if data_args.tokenizer not in (None, "bpe"):
@@ -173,7 +237,7 @@ def build_tokenizer(model_args: ModelArguments, data_args: DataArguments, train_
         return gpt2_tokenizer_from_dir(model_args.model_name_or_path)
     if not training_args.process_index == 0:
         return gpt2_tokenizer_from_dir(training_args.output_dir)
-    tokenizer = train_bpe_tokenizer(train_texts["text"], data_args.vocab_size)
+    tokenizer = train_bpe_tokenizer((piece["text"] for piece in train_part.pieces()), data_args.vocab_size)
     tokenizer.save_pretrained(training_args.output_dir)
     return tokenizer
 

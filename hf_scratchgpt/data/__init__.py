@@ -2,6 +2,8 @@
 
 - `pretraining`: chapter 2's sliding windows over a text corpus (files, texts, a dataset, a stream or a Hub
   id), and chapter 5's train/validation split of that corpus.
+- `token_store`: the same windows for corpora larger than memory: token ids tokenized once into memory-mapped
+  files on disk and reused, windows sliced from them on demand, or cut from a stream.
 - `classification`: chapter 6's labelled texts (any table or Hub dataset, and the book's SMS Spam Collection),
   their stratified or balanced split and token ids.
 - `instruction`: chapter 7's instruction data, its split and the Alpaca prompt format.
@@ -38,7 +40,10 @@ from .instruction import (
     tokenize_instructions,
 )
 from .pretraining import (
+    CorpusPart,
     TextSource,
+    TokenWindows,
+    corpus_parts,
     default_corpus,
     load_text_dataset,
     pretraining_windows,
@@ -49,6 +54,9 @@ from .pretraining import (
 
 __all__ = [
     "TextSource",
+    "CorpusPart",
+    "TokenWindows",
+    "corpus_parts",
     "default_corpus",
     "load_text_dataset",
     "tokenize_dataset",
