@@ -1,9 +1,11 @@
 """Tests of recipes/pretrain.py: a few steps end to end, two processes, resuming, and bad input."""
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from hf_scratchgpt.data import default_corpus
-from hf_scratchgpt.tokenization import train_bpe_tokenizer
+from hf_scratchgpt.data import default_corpus, split_corpus
+from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pretrain.py"
+RECORD_WINDOWS = ROOT / "tests" / "record_windows.py"  # runs the recipe, recording each process' windows
 
 
 def load_recipe():
@@ -153,6 +156,9 @@ def test_bad_input_is_one_line_before_training(corpus_file, tmp_path):
         (["--train_file", "nowhere.txt"], r"--train_file nowhere.txt: no such file or folder"),
         (["--sample_prompt", ""], r"--sample_prompt is empty"),
         (["--resume_from_checkpoint", "last"], r"no checkpoint-\* folder in"),
+        (["--streaming", "true", "--max_steps", "-1"], r"--streaming needs --max_steps"),
+        (["--max_eval_samples", "0"], r"--max_eval_samples must be at least 1, got 0"),
+        (["--validation_split", "test"], r"--validation_split names a split of --dataset_name"),
     ],
 )
 def test_bad_flags_raise_before_training(corpus_file, tmp_path, extra, message):
@@ -246,3 +252,149 @@ def test_output_dir_holding_a_model_is_refused(corpus_file, tmp_path):
     with pytest.raises(ValueError, match="already holds a model .* --overwrite_output_dir"):
         pretrain.main(tiny_args(corpus_file, out, "--max_steps", "1"))
     pretrain.main(tiny_args(corpus_file, out, "--max_steps", "1", "--overwrite_output_dir", "true"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Corpora past memory: token ids on disk, streaming, bounded evaluation, several processes and machines
+
+
+def test_a_rerun_reuses_the_token_ids_and_a_new_tokenizer_does_not(corpus_file, tmp_path, capsys):
+    cache = ["--data_cache_dir", str(tmp_path / "tokens"), "--max_steps", "1", "--eval_strategy", "no"]
+    pretrain.main(tiny_args(corpus_file, tmp_path / "first", *cache))
+    assert "(tokenized now)" in capsys.readouterr().out
+    pretrain.main(tiny_args(corpus_file, tmp_path / "again", *cache))  # the same BPE vocabulary, trained again
+    again = capsys.readouterr().out
+    assert "(reused)" in again and "tokenized now" not in again
+    pretrain.main(tiny_args(corpus_file, tmp_path / "context", *cache, "--context_length", "16"))
+    assert "windows of 16 tokens" in (context := capsys.readouterr().out) and "(reused)" in context
+    pretrain.main(tiny_args(corpus_file, tmp_path / "vocab", *cache, "--vocab_size", "320"))
+    assert "(tokenized now)" in capsys.readouterr().out
+    stores = sorted(path.name for path in (tmp_path / "tokens").iterdir())
+    assert len(stores) == 4 and all("building" not in name for name in stores)  # 2 tokenizers x 2 splits, all whole
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_max_eval_samples_bounds_the_one_final_evaluation(corpus_file, tmp_path, monkeypatch, streaming):
+    evaluated = []
+    prediction_step = pretrain.ScratchGPTTrainer.prediction_step
+
+    def counting_step(self, model, inputs, *args, **kwargs):
+        evaluated.append(len(inputs["input_ids"]))
+        return prediction_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.ScratchGPTTrainer, "prediction_step", counting_step)
+    out = tmp_path / "run"
+    metrics = pretrain.main(tiny_args(corpus_file, out, "--max_eval_samples", "3", "--per_device_eval_batch_size", "2",
+                                      "--max_steps", "4", "--eval_steps", "3", "--streaming", streaming))
+    # Evaluations at step 3 and at the last step, 4: 3 windows each, in batches of 2; no third one after training.
+    assert evaluated == [2, 1, 2, 1]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "eval_loss" in entry] == [3, 4]
+    assert metrics["eval_loss"] == state["log_history"][-2]["eval_loss"]
+
+
+def first_windows_of_the_run(out: Path, corpus_file: Path, length: int, count: int) -> list[list[int]]:
+    """The first training windows of a run's corpus, tokenized whole with the tokenizer the run saved."""
+    tokenizer = gpt2_tokenizer_from_dir(out)
+    ids = tokenizer(split_corpus(corpus_file)["train"]["text"][0], add_special_tokens=False)["input_ids"]
+    return [ids[start : start + length] for start in range(0, length * count, length)]
+
+
+@pytest.mark.slow
+def test_streaming_trains_on_the_windows_of_the_stored_ids_in_order(corpus_file, tmp_path, monkeypatch):
+    seen = []
+    training_step = pretrain.ScratchGPTTrainer.training_step
+
+    def recording_step(self, model, inputs, *args, **kwargs):
+        seen.extend(inputs["input_ids"].tolist())
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.ScratchGPTTrainer, "training_step", recording_step)
+    out = tmp_path / "stream"
+    pretrain.main(tiny_args(corpus_file, out, "--streaming", "true", "--max_steps", "2", "--eval_strategy", "no"))
+    assert seen == first_windows_of_the_run(out, corpus_file, 32, 8)  # a stream is read in order, not shuffled
+
+
+@pytest.mark.slow
+def test_resumed_streaming_run_ends_with_the_weights_of_an_uninterrupted_run(corpus_file, tmp_path):
+    streaming = ["--streaming", "true", "--max_eval_samples", "4"]
+    full = tmp_path / "full"
+    pretrain.main(tiny_args(corpus_file, full, *streaming))
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(full / "checkpoint-3", stopped / "checkpoint-3")
+    pretrain.main(tiny_args(corpus_file, stopped, *streaming, "--resume_from_checkpoint", "last"))
+    expected, resumed = load_file(full / "model.safetensors"), load_file(stopped / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_records(record_dir: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(record_dir.glob("rank-*.json"))]
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_disjoint_windows_that_cover_the_epoch(corpus_file, shared_data, tmp_path):
+    # A corpus whose training windows fill whole steps of 2 processes x 4 windows: no window is repeated to pad.
+    gpt2 = gpt2_tokenizer_from_dir(shared_data / "gpt2")
+    text = corpus_file.read_text()[:12_000]
+    while len(range(0, len(gpt2.encode(split_corpus([text])["train"]["text"][0])) - 32, 32)) % 8:
+        text = text[:-50]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    out, records = tmp_path / "ddp", tmp_path / "records"
+    records.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    flags = tiny_args(corpus, out, "--tokenizer", str(shared_data / "gpt2"), "--max_steps", "-1", "--num_train_epochs",
+                      "1", "--eval_strategy", "no", "--save_strategy", "no")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(RECORD_WINDOWS), str(records), *flags],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = read_records(records)
+    assert (first["rank"], second["rank"]) == (0, 1)
+    assert not {tuple(w) for w in first["windows"]} & {tuple(w) for w in second["windows"]}
+    expected = first_windows_of_the_run(out, corpus, 32, len(first["windows"]) + len(second["windows"]))
+    assert sorted(first["windows"] + second["windows"]) == sorted(expected)
+    assert result.stdout.count("(tokenized now)") == 1 and result.stdout.count("(reused)") == 1
+
+
+@pytest.mark.slow
+def test_two_machines_share_the_tokenizer_and_the_token_ids(corpus_file, tmp_path):
+    """Two nodes of one process each, as `torchrun --nnodes 2` starts them on two machines, sharing a filesystem.
+
+    The tokenizer is trained here: node 1 must wait for the global main process (on node 0) to save it.
+    """
+    out, records = tmp_path / "nodes", tmp_path / "records"
+    records.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    port = free_port()
+    flags = tiny_args(corpus_file, out, "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2",
+                      "--max_eval_samples", "4")
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+             str(RECORD_WINDOWS), str(records), *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-3000:]
+    first, second = read_records(records)
+    assert first["tokenizer"] == second["tokenizer"]
+    assert first["tokenizer"] == hashlib.sha256(gpt2_tokenizer_from_dir(out).backend_tokenizer.to_str().encode()).hexdigest()
+    assert not {tuple(w) for w in first["windows"]} & {tuple(w) for w in second["windows"]}
+    lines = [next(line for line in stdout.splitlines() if line.startswith("data (process")) for stdout, _ in outputs]
+    assert "(tokenized now)" in lines[0] and "(reused)" in lines[1]
+    assert lines[0].split(": ", 1)[1].split(" (")[0] == lines[1].split(": ", 1)[1].split(" (")[0]  # the same store
