@@ -315,6 +315,8 @@ def _build_store(part: CorpusPart, tokenizer: PreTrainedTokenizerBase, folder: P
         del pieces, tokens, lengths
         shutil.rmtree(building / "text")
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if folder.is_dir() and not (folder / MANIFEST).is_file():  # damaged: only a whole store is ever renamed in
+            shutil.rmtree(folder)
         try:
             building.rename(folder)
         except OSError:  # another run finished the same store first: keep its folder
