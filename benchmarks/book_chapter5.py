@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_scratchgpt.data import load_text_dataset, pretraining_windows, split_corpus
@@ -65,8 +66,9 @@ def train_loss(model_dir: str, data: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     corpus = split_corpus(load_text_dataset(data / "the-verdict.txt"), 0.9)
-    windows = pretraining_windows(corpus["train"], tokenizer, model.config.context_length).with_format("torch")
-    losses = [model(input_ids=batch["input_ids"], labels=batch["labels"]).loss for batch in windows.iter(2)]
+    windows = pretraining_windows(corpus["train"], tokenizer, model.config.context_length)
+    batches = DataLoader(windows, batch_size=2)  # rows of int64 arrays become (2, context) long tensors
+    losses = [model(input_ids=batch["input_ids"], labels=batch["labels"]).loss for batch in batches]
     return torch.stack(losses).mean().item()
 
 

@@ -12,15 +12,17 @@ model is trained on the book's targets `target[:-1]`; the book's last target of 
 `token_ids[i + length]`, is the one prediction per window left out. As in the book, a corpus needs at least
 `length + 1` tokens; `stride == length` gives disjoint windows, a smaller stride overlapping ones.
 
-A corpus is a list of documents (one per file, or the rows of a text column), tokenized one by one in a
-batched `Dataset.map` (several processes with `num_proc`, cached by `datasets` for a corpus on disk) and
-joined with `<|endoftext|>` between documents, which gives the ids of `eos.join(documents)`. The windows are
-cut over the whole joined corpus, so they do not depend on how `map` batches it. A corpus larger than memory
-streams: with `streaming=True` (or an `IterableDataset`) the windows come from a generator over the stream.
+A corpus is a list of documents (one per file, or the rows of a text column), joined with `<|endoftext|>`
+between documents, which gives the ids of `eos.join(documents)`. It is read in pieces, tokenized once in a
+batched `Dataset.map` (several processes with `num_proc`) into token ids on disk, and the windows are sliced from
+those ids when asked for (`token_store.py`): they do not depend on how the text was cut or batched, and a
+second run on the same corpus and tokenizer tokenizes nothing. With `streaming=True` (or an `IterableDataset`)
+the windows come from a generator over the stream instead, and nothing is stored.
 
 The train/validation split is the book's chapter 5 one: the first 90% of the characters for training, the
-rest for validation, before windowing (windows of the two never share a token). `split_corpus(by="documents")`
-shuffles whole documents with a seed instead.
+rest for validation, before windowing (windows of the two never share a token). `by="documents"` shuffles whole
+documents with a seed instead. `split_corpus` gives the two sides as texts in memory; `corpus_parts` gives them as
+`CorpusPart`s, read lazily, for a corpus of any size.
 
 `load_text_dataset` (files, `Dataset`, `IterableDataset`, Hub id) and `tokenize_dataset` keep other columns
 such as labels, so the later chapters load and tokenize their data with them too (`classification.py`).

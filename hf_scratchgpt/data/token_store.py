@@ -300,7 +300,7 @@ def _build_store(part: CorpusPart, tokenizer: PreTrainedTokenizerBase, folder: P
             num_proc=num_proc if num_proc and num_proc > 1 and len(pieces) > 1 else None,
             remove_columns=pieces.column_names,
             features=Features({"input_ids": ids}),
-            fn_kwargs=dict(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id),
+            fn_kwargs=dict(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, one_thread=bool(num_proc and num_proc > 1)),
             cache_file_name=str(building / "tokens.arrow"),
             new_fingerprint=folder.name,
             desc=f"Tokenizing {part.name}",
@@ -330,8 +330,15 @@ def _pieces_of(part: CorpusPart) -> Iterator[dict]:
     yield from part.pieces()
 
 
-def _tokenize_pieces(batch: dict, tokenizer: PreTrainedTokenizerBase, eos_id: int | None) -> dict:
-    """Ids of a batch of pieces, with the end-of-text id in front of a piece that starts a new document."""
+def _tokenize_pieces(
+    batch: dict, tokenizer: PreTrainedTokenizerBase, eos_id: int | None, one_thread: bool = False
+) -> dict:
+    """Ids of a batch of pieces, with the end-of-text id in front of a piece that starts a new document.
+
+    The Rust tokenizer encodes a batch on all cores; `one_thread` keeps it to one, in each of several processes.
+    """
+    if one_thread:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by tokenizers at each batch call
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the Rust tokenizer's batch call, without the offsets nobody reads here
         encoded = [encoding.ids for encoding in backend.encode_batch_fast(batch["text"], add_special_tokens=False)]
