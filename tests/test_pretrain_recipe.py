@@ -393,7 +393,8 @@ def test_two_machines_share_the_tokenizer_and_the_token_ids(corpus_file, tmp_pat
         assert node.returncode == 0, stderr[-3000:]
     first, second = read_records(records)
     assert first["tokenizer"] == second["tokenizer"]
-    assert first["tokenizer"] == hashlib.sha256(gpt2_tokenizer_from_dir(out).backend_tokenizer.to_str().encode()).hexdigest()
+    saved = gpt2_tokenizer_from_dir(out).backend_tokenizer.to_str()
+    assert first["tokenizer"] == hashlib.sha256(saved.encode()).hexdigest()
     assert not {tuple(w) for w in first["windows"]} & {tuple(w) for w in second["windows"]}
     lines = [next(line for line in stdout.splitlines() if line.startswith("data (process")) for stdout, _ in outputs]
     assert "(tokenized now)" in lines[0] and "(reused)" in lines[1]

@@ -111,8 +111,8 @@ def test_the_split_of_files_read_in_pieces_is_split_corpus(gpt2, tiktoken_gpt2, 
     (tmp_path / "c.txt").write_text(long_file.read_text(encoding="utf-8"), encoding="utf-8")
     for by in ("characters", "documents"):
         texts = split_corpus(tmp_path, 0.7, by=by, seed=3)
-        in_memory = split_corpus(Dataset.from_dict({"text": [path.read_text() for path in sorted(tmp_path.glob("*.txt"))]}),
-                                 0.7, by=by, seed=3)
+        documents = Dataset.from_dict({"text": [path.read_text() for path in sorted(tmp_path.glob("*.txt"))]})
+        in_memory = split_corpus(documents, 0.7, by=by, seed=3)
         assert texts["train"]["text"][:] == in_memory["train"]["text"][:], by
         assert texts["validation"]["text"][:] == in_memory["validation"]["text"][:], by
         windows = pretraining_windows(corpus_parts(tmp_path, 0.7, by=by, seed=3), gpt2, 40, cache_dir=tmp_path / "c")

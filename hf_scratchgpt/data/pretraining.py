@@ -219,7 +219,8 @@ def corpus_parts(
         documents = load_text_dataset(corpus, text_column, split=split, streaming=streaming, cache_dir=cache_dir)
     if train_fraction is None:
         return CorpusPart(documents, text_column)
-    return {side: CorpusPart(documents, text_column, (by, train_fraction, seed, side)) for side in ("train", "validation")}
+    sides = ("train", "validation")
+    return {side: CorpusPart(documents, text_column, (by, train_fraction, seed, side)) for side in sides}
 
 
 def _is_path_list(corpus) -> bool:
@@ -260,7 +261,8 @@ def pretraining_windows(
     def windows_of(part: CorpusPart) -> TokenWindows | IterableDataset:
         if streaming or isinstance(part.documents, IterableDataset):
             return stream_windows(part, tokenizer, length, stride)
-        return TokenWindows(token_store(part, tokenizer, num_proc=num_proc, cache_dir=cache_dir), length, stride, part.name)
+        store = token_store(part, tokenizer, num_proc=num_proc, cache_dir=cache_dir)
+        return TokenWindows(store, length, stride, part.name)
 
     if isinstance(corpus, CorpusPart):
         return windows_of(corpus)

@@ -7,10 +7,11 @@ needs three changes, none of which changes a window:
   that follows a non-space. GPT-2's byte-level pre-tokenizer splits the text there too, and BPE never merges
   across its splits, so the ids of the pieces are the ids of the whole text. (A tokenizer with another
   pre-tokenizer may tokenize the few cut points differently.)
-- `token_store` tokenizes the pieces once, with `datasets` (`Dataset.map` in `num_proc` processes, each batch
-  written to an Arrow file as it is made), into ids of the smallest integer type that holds the vocabulary (uint16
-  for GPT-2's 50,257 tokens). The files go into a folder named by a fingerprint of the corpus, the tokenizer and
-  the split: every process of a run, and every later run on the same data, memory-maps the same files.
+- `token_store` tokenizes the pieces once, in batches that `tokenizers` encodes on all cores, and `datasets`
+  (`Dataset.from_generator`) writes each batch of ids to an Arrow file as it is made; `num_proc` processes each take
+  a contiguous run of the pieces. The ids are of the smallest integer type that holds the vocabulary (uint16 for
+  GPT-2's 50,257 tokens). The files go into a folder named by a fingerprint of the corpus, the tokenizer and the
+  split: every process of a run, and every later run on the same data, memory-maps the same files.
 - `TokenWindows` is the book's `GPTDatasetV1` over those files: window `i` is `token_ids[i * stride :][:length]`,
   sliced from the memory map when it is asked for. Window length and stride are not part of the fingerprint:
   another context length cuts other windows from the same ids, with nothing to tokenize again.
@@ -27,7 +28,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -48,7 +49,6 @@ READ_CHARS = 1 << 20  # characters read from a file at a time
 PIECES_PER_BATCH = 32  # pieces per tokenizing batch, and rows per record batch written (about 2M characters)
 STORE_VERSION = 1  # part of every fingerprint: bump it when the stored ids of a corpus would change
 MANIFEST = "store.json"  # written last: a folder without it is unfinished
-PIECE_FEATURES = Features({"text": Value("string"), "new_document": Value("bool")})
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -106,8 +106,9 @@ class CorpusPart:
             text = _KeptText(chunks, position, start, end)
             pieces = _cut_pieces(text)
             first = next(pieces)  # "" only when nothing of the document is kept
-            # An empty document is kept on the side where split_corpus puts it: train up to the cut, after it validation.
-            empty_kept = text.position == position and (start == 0 or position > start) and (end is None or position <= end)
+            # An empty document is kept where split_corpus puts it: in train up to the cut, in validation after it.
+            empty = text.position == position
+            empty_kept = empty and (start == 0 or position > start) and (end is None or position <= end)
             if first or empty_kept:
                 yield itertools.chain([first], pieces)
             for _ in pieces:  # whatever the reader left: the position must reach the document's end
@@ -121,7 +122,7 @@ class CorpusPart:
                 yield {"text": text, "new_document": index > 0 and number == 0}
 
     def characters(self) -> int:
-        """All the characters of the documents (not only the kept ones), counted once per process."""
+        """All the characters of the documents, not only the kept ones (read once per part: see _character_range)."""
         if self.num_documents is None:
             raise ValueError(
                 f"{self.name}: a stream cannot be split by characters, its length is unknown until it ends; give it "
@@ -162,7 +163,9 @@ class CorpusPart:
             return None
         _, fraction, seed, side = self.split
         if self.num_documents is None:
-            raise ValueError(f"{self.name}: a stream cannot be split by documents; give it a validation split of its own")
+            raise ValueError(
+                f"{self.name}: a stream cannot be split by documents; give it a validation split of its own"
+            )
         if self.num_documents < 2:
             raise ValueError(f"cannot split {self.num_documents} document by documents; split by characters")
         indices = Dataset.from_dict({"index": np.arange(self.num_documents)})
@@ -281,30 +284,31 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _build_store(part: CorpusPart, tokenizer: PreTrainedTokenizerBase, folder: Path, num_proc: int | None) -> None:
-    """Pieces of text to an Arrow file, then token ids to Arrow files batch by batch, then the manifest."""
+    """Token ids written to Arrow files batch by batch as the text is read, then the manifest, then the rename."""
     if tokenizer.eos_token_id is None and (part.num_documents or 0) > 1:
         raise ValueError("the tokenizer has no eos_token to put between documents")
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f"{folder.name}.building-", dir=folder.parent))
     try:
-        pieces = Dataset.from_generator(
-            _pieces_of, gen_kwargs=dict(part=part), features=PIECE_FEATURES, cache_dir=str(building / "text"),
-            fingerprint=folder.name, writer_batch_size=PIECES_PER_BATCH,
-        )
+        # Several processes each tokenize a contiguous run of the pieces, counted first; `datasets` writes one file
+        # per process and keeps them in order.
+        processes = num_proc if num_proc and num_proc > 1 else None
+        num_pieces = sum(1 for _ in part.pieces()) if processes else None
         ids = List(Value(token_dtype(len(tokenizer)).name))
-        tokens = pieces.map(
-            _tokenize_pieces,
-            batched=True,
-            batch_size=PIECES_PER_BATCH,
-            writer_batch_size=PIECES_PER_BATCH,
-            num_proc=num_proc if num_proc and num_proc > 1 and len(pieces) > 1 else None,
-            remove_columns=pieces.column_names,
+        tokens = Dataset.from_generator(
+            _token_rows,
             features=Features({"input_ids": ids}),
-            fn_kwargs=dict(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, one_thread=bool(num_proc and num_proc > 1)),
-            cache_file_name=str(building / "tokens.arrow"),
-            new_fingerprint=folder.name,
-            desc=f"Tokenizing {part.name}",
+            gen_kwargs=dict(
+                part=part, tokenizer=tokenizer, shards=list(range(processes or 1)), num_shards=processes or 1,
+                num_pieces=num_pieces,
+            ),
+            num_proc=processes,
+            cache_dir=str(building / "cache"),
+            fingerprint=folder.name,
+            writer_batch_size=PIECES_PER_BATCH,
         )
+        for file in tokens.cache_files:  # out of the builder's folders, beside the manifest
+            os.rename(file["filename"], building / Path(file["filename"]).name)
         lengths = tokens.data.column("input_ids").chunks
         manifest = dict(
             files=[Path(file["filename"]).name for file in tokens.cache_files],
@@ -312,8 +316,8 @@ def _build_store(part: CorpusPart, tokenizer: PreTrainedTokenizerBase, folder: P
             dtype=ids.feature.dtype,
             corpus=part.name,
         )
-        del pieces, tokens, lengths
-        shutil.rmtree(building / "text")
+        del tokens, lengths
+        shutil.rmtree(building / "cache")
         (building / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if folder.is_dir() and not (folder / MANIFEST).is_file():  # damaged: only a whole store is ever renamed in
             shutil.rmtree(folder)
@@ -326,13 +330,22 @@ def _build_store(part: CorpusPart, tokenizer: PreTrainedTokenizerBase, folder: P
         shutil.rmtree(building, ignore_errors=True)
 
 
-def _pieces_of(part: CorpusPart) -> Iterator[dict]:
-    yield from part.pieces()
+def _token_rows(
+    part: CorpusPart, tokenizer: PreTrainedTokenizerBase, shards: Sequence[int] = (0,), num_shards: int = 1,
+    num_pieces: int | None = None,
+) -> Iterator[dict]:
+    """Rows of token ids, one per piece of `part`. Given `num_pieces`, the pieces are shared among `num_shards`
+    processes in contiguous runs: this one tokenizes the runs of its `shards`, on one thread each."""
+    for shard in shards:
+        pieces = part.pieces()
+        if num_pieces is not None:
+            pieces = itertools.islice(pieces, shard * num_pieces // num_shards, (shard + 1) * num_pieces // num_shards)
+        for batch in _batches(pieces, PIECES_PER_BATCH):
+            for ids in _tokenize_pieces(batch, tokenizer, one_thread=num_pieces is not None):
+                yield {"input_ids": ids}
 
 
-def _tokenize_pieces(
-    batch: dict, tokenizer: PreTrainedTokenizerBase, eos_id: int | None, one_thread: bool = False
-) -> dict:
+def _tokenize_pieces(batch: dict, tokenizer: PreTrainedTokenizerBase, one_thread: bool = False) -> list[list[int]]:
     """Ids of a batch of pieces, with the end-of-text id in front of a piece that starts a new document.
 
     The Rust tokenizer encodes a batch on all cores; `one_thread` keeps it to one, in each of several processes.
@@ -344,9 +357,10 @@ def _tokenize_pieces(
         encoded = [encoding.ids for encoding in backend.encode_batch_fast(batch["text"], add_special_tokens=False)]
     else:
         encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    eos_id = tokenizer.eos_token_id
     if any(batch["new_document"]) and eos_id is None:
         raise ValueError("the tokenizer has no eos_token to put between documents")
-    return {"input_ids": [[eos_id, *ids] if new else ids for ids, new in zip(encoded, batch["new_document"])]}
+    return [[eos_id, *ids] if new else ids for ids, new in zip(encoded, batch["new_document"])]
 
 
 def _hash(value) -> str:
@@ -407,26 +421,26 @@ def stream_windows(
     """The same windows as `TokenWindows`, cut while `part` is read and tokenized: nothing is stored."""
     ids = List(Value("int64"), length=length)  # int64: the loss wants long labels
     options = dict(part=part, tokenizer=tokenizer, length=length, stride=stride)
-    return IterableDataset.from_generator(_stream_windows, gen_kwargs=options, features=Features(input_ids=ids, labels=ids))
+    features = Features(input_ids=ids, labels=ids)
+    return IterableDataset.from_generator(_stream_windows, gen_kwargs=options, features=features)
 
 
 def _stream_windows(part: CorpusPart, tokenizer: PreTrainedTokenizerBase, length: int, stride: int) -> Iterator[dict]:
-    """Windows from a rolling buffer over batches of tokenized pieces."""
+    """Windows from a rolling buffer over the tokenized pieces."""
     buffer: list[int] = []
     start = 0  # where the next window starts, in `buffer`; past its end while a long stride skips tokens
     seen_tokens = windows = 0
-    for batch in _batches(part.pieces(), PIECES_PER_BATCH):
-        for ids in _tokenize_pieces(batch, tokenizer, tokenizer.eos_token_id)["input_ids"]:
-            buffer.extend(ids)
-            seen_tokens += len(ids)
-            while len(buffer) - start > length:  # a window and the token after it, as the book's range end
-                window = buffer[start : start + length]
-                yield {"input_ids": window, "labels": window}
-                windows += 1
-                start += stride
-            consumed = min(start, len(buffer))
-            del buffer[:consumed]
-            start -= consumed
+    for row in _token_rows(part, tokenizer):
+        buffer.extend(row["input_ids"])
+        seen_tokens += len(row["input_ids"])
+        while len(buffer) - start > length:  # a window and the token after it, as the book's range end
+            window = buffer[start : start + length]
+            yield {"input_ids": window, "labels": window}
+            windows += 1
+            start += stride
+        consumed = min(start, len(buffer))
+        del buffer[:consumed]
+        start -= consumed
     if windows == 0:
         check_enough_tokens(seen_tokens, length, part.name)
 
