@@ -22,7 +22,6 @@ from torch.utils.data import Subset
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
-
 from hf_scratchgpt.data import CorpusPart, corpus_parts, default_corpus, pretraining_windows
 from hf_scratchgpt.recipe import check_enough_data, check_vocabulary, finish_recipe, run_recipe, start_recipe
 from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer

@@ -134,6 +134,14 @@ def test_a_tokenizer_without_eos_cannot_join_documents(gpt2, tmp_path):
         pretraining_windows(["first document", "second document"], tokenizer, 2, cache_dir=tmp_path)
 
 
+def test_texts_in_memory_stream_with_the_split_of_the_stored_windows(gpt2, verdict, tmp_path):
+    parts = corpus_parts([verdict, verdict.upper()], 0.8, streaming=True)
+    streamed = pretraining_windows(parts, gpt2, 32, streaming=True)
+    stored = pretraining_windows(parts, gpt2, 32, cache_dir=tmp_path)
+    for side in ("train", "validation"):
+        assert rows(streamed[side]) == rows(stored[side])
+
+
 def test_a_stream_cannot_be_split_by_characters(gpt2, verdict):
     parts = corpus_parts(Dataset.from_dict({"text": [verdict]}).to_iterable_dataset(), 0.9)
     with pytest.raises(ValueError, match="a stream cannot be split by characters"):

@@ -206,8 +206,9 @@ def corpus_parts(
 ) -> CorpusPart | dict[str, CorpusPart]:
     """A corpus as it will be read, nothing read yet: one `CorpusPart`, or "train" and "validation" parts.
 
-    Files are read in pieces from disk (never whole); anything else through `load_text_dataset`. With a
-    `train_fraction`, the parts are the two sides of `split_corpus`'s split (`by`, `seed`).
+    Files are read in pieces from disk (never whole); anything else through `load_text_dataset`, `streaming`
+    applying to a Hub dataset. With a `train_fraction`, the parts are the two sides of `split_corpus`'s split
+    (`by`, `seed`).
     """
     if train_fraction is not None and not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be between 0 and 1, got {train_fraction!r}")
@@ -216,7 +217,8 @@ def corpus_parts(
     if isinstance(corpus, (str, os.PathLike)) and is_local_path(corpus) or _is_path_list(corpus):
         documents = tuple(_text_files(corpus))
     else:
-        documents = load_text_dataset(corpus, text_column, split=split, streaming=streaming, cache_dir=cache_dir)
+        stream = streaming and isinstance(corpus, str)  # a Hub dataset; texts in memory stay a splittable Dataset
+        documents = load_text_dataset(corpus, text_column, split=split, streaming=stream, cache_dir=cache_dir)
     if train_fraction is None:
         return CorpusPart(documents, text_column)
     sides = ("train", "validation")
