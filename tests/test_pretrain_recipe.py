@@ -368,6 +368,25 @@ def test_two_processes_train_on_disjoint_windows_that_cover_the_epoch(corpus_fil
 
 
 @pytest.mark.slow
+def test_two_processes_stream_their_own_share(corpus_file, tmp_path):
+    out, records = tmp_path / "stream", tmp_path / "records"
+    records.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    flags = tiny_args(corpus_file, out, "--streaming", "true", "--max_steps", "3", "--eval_strategy", "no",
+                      "--max_eval_samples", "4", "--save_strategy", "no")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(RECORD_WINDOWS), str(records), *flags],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = read_records(records)
+    assert len(first["windows"]) == len(second["windows"]) == 3 * 4
+    # Together, the first 24 windows of the stream, each once: accelerate sends each process its own batches.
+    assert sorted(first["windows"] + second["windows"]) == sorted(first_windows_of_the_run(out, corpus_file, 32, 24))
+
+
+@pytest.mark.slow
 def test_two_machines_share_the_tokenizer_and_the_token_ids(corpus_file, tmp_path):
     """Two nodes of one process each, as `torchrun --nnodes 2` starts them on two machines, sharing a filesystem.
 
