@@ -126,9 +126,11 @@ def finish_recipe(
 
 def final_evaluation(trainer: Trainer) -> dict:
     """The metrics of the trained model: those of the evaluation `Trainer` ran at its last step, if it did (it does
-    with eval_strategy "steps" since transformers 5), else of a new one. The validation data is evaluated once."""
+    with eval_strategy "steps" since transformers 5, and "epoch" when training ends with an epoch), else of a new
+    one. The validation data is evaluated once. With `load_best_model_at_end` the model is another: evaluated anew."""
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    if evaluations and evaluations[-1].get("step") == trainer.state.global_step:
+    ran_at_end = evaluations and evaluations[-1].get("step") == trainer.state.global_step
+    if ran_at_end and not trainer.args.load_best_model_at_end:
         return {name: value for name, value in evaluations[-1].items() if name != "step"}
     return trainer.evaluate()
 

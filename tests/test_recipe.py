@@ -4,12 +4,13 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
 import torch
 
-from hf_scratchgpt.recipe import check_paths, given_settings, parse_recipe_args, start_recipe
+from hf_scratchgpt.recipe import check_paths, final_evaluation, given_settings, parse_recipe_args, start_recipe
 
 
 @dataclass
@@ -118,3 +119,32 @@ def test_start_recipe_refuses_an_output_dir_holding_a_model(tmp_path):
         start_recipe("test", (Model,), ["--output_dir", str(tmp_path)])
     run = start_recipe("test", (Model,), ["--output_dir", str(tmp_path), "--overwrite_output_dir", "true"])
     assert run.common.overwrite_output_dir and run.checkpoint is None and run.args[0].emb_dim == 8
+
+
+class FakeTrainer:
+    """What final_evaluation reads of a Trainer: its log history, step, arguments, and evaluate()."""
+
+    def __init__(self, log_history, global_step, load_best_model_at_end=False):
+        self.state = SimpleNamespace(log_history=log_history, global_step=global_step)
+        self.args = SimpleNamespace(load_best_model_at_end=load_best_model_at_end)
+        self.evaluations = 0
+
+    def evaluate(self):
+        self.evaluations += 1
+        return {"eval_loss": 1.0}
+
+
+@pytest.mark.parametrize(
+    "history, step, best, evaluated",
+    [
+        ([{"eval_loss": 2.0, "step": 4}, {"train_loss": 3.0, "step": 4}], 4, False, 0),  # ran at the last step
+        ([{"eval_loss": 2.0, "step": 3}, {"loss": 3.0, "step": 4}], 4, False, 1),  # not at the last step
+        ([{"loss": 3.0, "step": 4}], 4, False, 1),  # never (eval_strategy "no")
+        ([{"eval_loss": 2.0, "step": 4}], 4, True, 1),  # the best checkpoint, loaded at the end, is another model
+    ],
+)
+def test_the_final_evaluation_runs_once(history, step, best, evaluated):
+    trainer = FakeTrainer(history, step, best)
+    metrics = final_evaluation(trainer)
+    assert trainer.evaluations == evaluated
+    assert metrics == ({"eval_loss": 1.0} if evaluated else {"eval_loss": 2.0})
