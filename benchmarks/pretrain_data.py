@@ -159,7 +159,8 @@ def run_recipe(corpus: str, output_dir: str, cache_dir: str, tokenizer: str, num
 def throughput(corpus: str, tokenizer: str, limit_mb: str, num_proc: str, tmp: str) -> dict:
     """Characters per second of `token_store` (read, tokenize in `num_proc` processes, write) and of `tokenizers`'
     batch encoding alone, on the corpus' first `limit_mb` MB: three rounds alternating the two, medians."""
-    from hf_scratchgpt.data.token_store import PIECE_CHARS, CorpusPart, token_store
+    from hf_scratchgpt.data.corpus_pieces import PIECE_CHARS, CorpusPart
+    from hf_scratchgpt.data.token_store import token_store
     from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir
 
     sample = Path(tmp) / "sample.txt"
@@ -206,7 +207,7 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         for name in ("first run", "rerun"):
             run = row[name]
-            worker = f"{run['worker_peak_mb']:,.0f} MB" if name == "first run" else "-"
+            worker = f"{run['worker_peak_mb']:,.0f} MB" if run["worker_peak_mb"] else "-"
             print(f"| {row['size_mb']:,} MB | {name} | {run['prepare_s']:.1f} s | {run['prepare_peak_mb']:,.0f} MB / "
                   f"{worker} | {run['step_peak_mb']:,.0f} MB | {run['run_peak_mb']:,.0f} MB, {run['run_s']:.1f} s |")
     print("\n| corpus | tokens | rerun's prepare / first's | tokenizing: token_store | tokenizers' encode_batch_fast | "

@@ -54,3 +54,24 @@ def gpt2(shared_data: Path):
     from hf_scratchgpt.tokenization import gpt2_tokenizer
 
     return gpt2_tokenizer(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of 2,048 characters and record batches of 4 pieces, so that files of kilobytes cross the boundaries
+    that gigabytes cross at the real sizes (`corpus_pieces.PIECE_CHARS`, `token_store.PIECES_PER_BATCH`)."""
+    from hf_scratchgpt.data import corpus_pieces, token_store
+
+    monkeypatch.setattr(corpus_pieces, "PIECE_CHARS", 2048)
+    monkeypatch.setattr(token_store, "PIECES_PER_BATCH", 4)
+
+
+@pytest.fixture(scope="session")
+def long_file(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One document of about 30 pieces of 2,048 characters, with the whitespace runs (several spaces, newlines,
+    no-break and ideographic spaces) that a careless cut would tokenize differently."""
+    verdict = (shared_data / "the-verdict.txt").read_text(encoding="utf-8")
+    text = verdict + "\n\n  \n\t" + verdict.replace(" ", "  ") + " \u00a0\u3000x" * 100 + verdict.replace(" ", "\n")
+    path = tmp_path_factory.mktemp("long") / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    return path

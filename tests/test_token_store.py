@@ -1,37 +1,22 @@
-"""Chapter 2 past memory: token ids stored once on disk, windows sliced from the memory map, pieces, streaming."""
+"""Chapter 2 past memory: token ids stored once on disk, windows sliced from the memory map, streamed windows."""
 
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-from datasets import Dataset
 
 from hf_scratchgpt.data import token_store as store_module
-from hf_scratchgpt.data.pretraining import corpus_parts, pretraining_windows, split_corpus
-from hf_scratchgpt.data.token_store import CorpusPart, TokenWindows, token_dtype, token_store
+from hf_scratchgpt.data.pretraining import corpus_parts, pretraining_windows
+from hf_scratchgpt.data.token_store import TokenWindows, token_dtype
 from hf_scratchgpt.tokenization import train_bpe_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def small_pieces(monkeypatch):
-    """Pieces of 2,048 characters, 4 to a record batch: small files cross every boundary the real sizes have."""
-    monkeypatch.setattr(store_module, "PIECE_CHARS", 2048)
-    monkeypatch.setattr(store_module, "PIECES_PER_BATCH", 4)
+pytestmark = pytest.mark.usefixtures("small_pieces")  # small files cross every boundary the real sizes have
 
 
 @pytest.fixture(scope="module")
 def verdict(shared_data: Path) -> str:
     return (shared_data / "the-verdict.txt").read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def long_file(verdict, tmp_path_factory) -> Path:
-    """One document of about 30 pieces, with the whitespace runs that a careless cut would tokenize differently."""
-    text = verdict + "\n\n  \n\t" + verdict.replace(" ", "  ") + " \u00a0\u3000x" * 100 + verdict.replace(" ", "\n")
-    path = tmp_path_factory.mktemp("long") / "long.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def rows(windows, count=None) -> list[list[int]]:
@@ -47,11 +32,8 @@ def test_ids_take_the_smallest_type_that_holds_the_vocabulary(gpt2, verdict, tmp
     assert windows[0]["input_ids"].dtype == np.int64  # the loss wants long labels
 
 
-def test_a_long_document_is_tokenized_in_pieces_with_the_ids_of_the_whole(gpt2, tiktoken_gpt2, long_file, tmp_path):
+def test_the_stored_ids_of_a_long_document_are_those_of_the_whole(gpt2, tiktoken_gpt2, long_file, tmp_path):
     text = long_file.read_text(encoding="utf-8")
-    pieces = [piece["text"] for piece in CorpusPart((long_file,)).pieces()]
-    assert len(pieces) > 20 and "".join(pieces) == text
-    assert all(len(piece) <= 2 * store_module.PIECE_CHARS for piece in pieces)
     windows = pretraining_windows(long_file, gpt2, length=50, stride=37, cache_dir=tmp_path)
     ids = tiktoken_gpt2.encode(text)
     assert windows.store.num_tokens == len(ids)
@@ -105,22 +87,6 @@ def test_streaming_gives_the_windows_of_the_stored_ids(gpt2, long_file, tmp_path
     assert rows(streamed) == rows(stored)
 
 
-def test_the_split_of_files_read_in_pieces_is_split_corpus(gpt2, tiktoken_gpt2, verdict, long_file, tmp_path):
-    (tmp_path / "a.txt").write_text(verdict, encoding="utf-8")
-    (tmp_path / "b.txt").write_text("", encoding="utf-8")  # an empty document keeps its end-of-text tokens
-    (tmp_path / "c.txt").write_text(long_file.read_text(encoding="utf-8"), encoding="utf-8")
-    for by in ("characters", "documents"):
-        texts = split_corpus(tmp_path, 0.7, by=by, seed=3)
-        documents = Dataset.from_dict({"text": [path.read_text() for path in sorted(tmp_path.glob("*.txt"))]})
-        in_memory = split_corpus(documents, 0.7, by=by, seed=3)
-        assert texts["train"]["text"][:] == in_memory["train"]["text"][:], by
-        assert texts["validation"]["text"][:] == in_memory["validation"]["text"][:], by
-        windows = pretraining_windows(corpus_parts(tmp_path, 0.7, by=by, seed=3), gpt2, 40, cache_dir=tmp_path / "c")
-        for side in ("train", "validation"):
-            ids = tiktoken_gpt2.encode("<|endoftext|>".join(texts[side]["text"]), allowed_special="all")
-            assert rows(windows[side]) == [ids[start : start + 40] for start in range(0, len(ids) - 40, 40)], (by, side)
-
-
 def test_the_stores_of_the_two_sides_differ(gpt2, verdict, tmp_path):
     windows = pretraining_windows(corpus_parts([verdict], 0.9), gpt2, 32, cache_dir=tmp_path)
     assert windows["train"].store.path != windows["validation"].store.path
@@ -140,12 +106,6 @@ def test_texts_in_memory_stream_with_the_split_of_the_stored_windows(gpt2, verdi
     stored = pretraining_windows(parts, gpt2, 32, cache_dir=tmp_path)
     for side in ("train", "validation"):
         assert rows(streamed[side]) == rows(stored[side])
-
-
-def test_a_stream_cannot_be_split_by_characters(gpt2, verdict):
-    parts = corpus_parts(Dataset.from_dict({"text": [verdict]}).to_iterable_dataset(), 0.9)
-    with pytest.raises(ValueError, match="a stream cannot be split by characters"):
-        list(parts["validation"].pieces())
 
 
 def test_an_unfinished_store_is_built_again(gpt2, verdict, tmp_path):

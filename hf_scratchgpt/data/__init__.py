@@ -2,8 +2,9 @@
 
 - `pretraining`: chapter 2's sliding windows over a text corpus (files, texts, a dataset, a stream or a Hub
   id), and chapter 5's train/validation split of that corpus.
-- `token_store`: the same windows for corpora larger than memory: token ids tokenized once into memory-mapped
-  files on disk and reused, windows sliced from them on demand, or cut from a stream.
+- `corpus_pieces` and `token_store`: the same windows for corpora larger than memory: text read in pieces, token
+  ids tokenized once into memory-mapped files on disk and reused, windows sliced from them on demand, or cut from
+  a stream.
 - `classification`: chapter 6's labelled texts (any table or Hub dataset, and the book's SMS Spam Collection),
   their stratified or balanced split and token ids.
 - `instruction`: chapter 7's instruction data, its split and the Alpaca prompt format.

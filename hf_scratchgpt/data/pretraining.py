@@ -46,7 +46,8 @@ from datasets import (
 from transformers import PreTrainedTokenizerBase
 
 from ..hub import is_local_path
-from .token_store import CorpusPart, TokenWindows, stream_windows, token_store
+from .corpus_pieces import CorpusPart
+from .token_store import TokenWindows, stream_windows, token_store
 
 
 __all__ = [
