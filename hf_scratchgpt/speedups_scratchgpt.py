@@ -91,8 +91,9 @@ class KVCacheLayer(DynamicLayer):
 
     transformers' `DynamicLayer` concatenates each new token's keys and values to all the earlier ones, so every
     decoding step copies the whole cache. This layer writes them into storage that doubles when full, so a step
-    copies only what is new; `keys` and `values` are views of the filled part. The storage never outgrows
-    `max_len` positions (the model's context) unless the tokens do. Under autograd it concatenates like its
+    copies only what is new; `keys` and `values` are views of the filled part. The first storage holds the prompt
+    exactly, and none outgrows `max_len` positions (the model's context) unless the tokens do: never more than
+    `DynamicLayer` holds, but for the room to grow. Under autograd it concatenates like its
     parent (a later in-place write would invalidate the views a backward pass still needs).
     """
 
@@ -112,7 +113,8 @@ class KVCacheLayer(DynamicLayer):
         past = self.get_seq_length()
         total = past + key_states.shape[-2]
         if not self._store_holds(key_states, total):  # first call, full, or keys replaced (beam search reorders)
-            capacity = 2 * total if self.max_len is None else max(total, min(2 * total, self.max_len))
+            capacity = total if not past else 2 * total  # a prompt: its own size, as `DynamicLayer` holds it
+            capacity = capacity if self.max_len is None else max(total, min(capacity, self.max_len))
             self.key_store = self._grow(self.keys, key_states, past, capacity)
             self.value_store = self._grow(self.values, value_states, past, capacity)
         self.key_store.narrow(-2, past, total - past).copy_(key_states)

@@ -29,13 +29,13 @@ def test_kv_cache_appends_in_place_and_generates_what_dynamic_cache_generates():
         theirs = model.generate(ids, cache=DynamicCache(), **kwargs, **extra)
         assert torch.equal(ours, theirs), extra
 
-    # A step writes into storage that doubles when full: the 6 prompt tokens make a store for 12 tokens, the 13th
-    # one for 26, which holds the 6 + 19 tokens fed in (the 20th new token is never fed back).
+    # A step writes into storage that doubles when full: the 6 prompt tokens make a store of their size, the 7th
+    # token one for 14, the 15th one for 30, which holds the 6 + 19 tokens fed in (the 20th is never fed back).
     cache = KVCache()
     model.generate(ids, cache=cache, **kwargs)
     for layer in cache.layers:
         assert layer.keys._base is layer.key_store and layer.values._base is layer.value_store
-        assert layer.keys.shape[-2] == 25 and layer.key_store.shape[-2] == 26
+        assert layer.keys.shape[-2] == 25 and layer.key_store.shape[-2] == 30
 
 
 def test_generate_decodes_with_kv_cache_unless_given_a_cache():
@@ -153,7 +153,7 @@ def test_kv_cache_never_holds_more_than_the_context():
     model = make_lm(eos_token_id=None, pad_token_id=0)  # context 64
     cache = KVCache(model.config.context_length)
     model.generate(torch.randint(1, 1000, (1, 50)), cache=cache, max_new_tokens=14, min_new_tokens=14, do_sample=False)
-    for layer in cache.layers:  # 50 prompt tokens would have made a store of 100 positions
+    for layer in cache.layers:  # 50 prompt tokens, then 51 would have made a store of 102 positions
         assert layer.keys.shape[-2] == 63 and layer.key_store.shape[-2] == 64
     seen = []
     hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["cache"]), with_kwargs=True)
