@@ -93,8 +93,8 @@ def fit_prompt(tokenizer, messages: Sequence[dict], context: int, max_new_tokens
     system = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
     turns = list(messages[len(system):])
     if tokenizer.chat_template is None:
-        system, turns = [], turns[-1:]
-    dropped = len(messages) - len(system) - len(turns)
+        system, turns = [], turns[-1:]  # a completion: earlier messages are not part of it
+    dropped = 0
     while True:
         ids = _encode(tokenizer, system + turns)
         later_user = [i for i, turn in enumerate(turns) if turn["role"] == "user" and i > 0]
