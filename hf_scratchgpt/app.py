@@ -16,6 +16,7 @@ ScratchGPT, it needs no hf_scratchgpt there, and the model loads with `trust_rem
   fonts from the internet: the page fetches nothing but from its own server).
 """
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -168,6 +169,7 @@ def build_page(folder: str | os.PathLike, *, trust_remote_code: bool = True, mod
             title=title,
             description="Each label's probability for the text.",
             flagging_mode="never",
+            analytics_enabled=False,
             api_name="classify",
         )
 
@@ -202,6 +204,7 @@ def build_page(folder: str | os.PathLike, *, trust_remote_code: bool = True, mod
         additional_inputs_accordion="Sampling",
         title=title,
         description=f"{mode} Context: {context} tokens.",
+        analytics_enabled=False,
         api_name="chat",
     )
 
@@ -232,15 +235,13 @@ def write_space_app(folder: str | os.PathLike) -> Path:
     """Make a saved model folder a Hugging Face Space too: this file as `app.py`, a `requirements.txt`, and the
     Space's settings (`sdk: gradio`, `app_file: app.py`) in the front matter of its README (the model card).
     `python app.py` in the folder serves its page; so does a Space uploaded from it. Returns the app's path."""
-    import gradio
-
     folder = Path(folder)
     app = folder / "app.py"
     shutil.copyfile(__file__, app)
     (folder / "requirements.txt").write_text("\n".join(SPACE_REQUIREMENTS) + "\n")
     readme = folder / "README.md"
     text = readme.read_text() if readme.is_file() else ""
-    header = {"sdk": "gradio", "sdk_version": gradio.__version__, "app_file": "app.py"}
+    header = {"sdk": "gradio", "sdk_version": importlib.metadata.version("gradio"), "app_file": "app.py"}
     lines = [f"{key}: {json.dumps(value)}" for key, value in header.items()]
     if text.startswith("---\n"):
         end = text.index("\n---", 4)

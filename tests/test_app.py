@@ -7,6 +7,7 @@ are kept in test-results/ at the repository's root (ignored by git).
 """
 
 import ast
+import importlib.metadata
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 import hf_scratchgpt.app as app
@@ -28,7 +30,7 @@ from test_chat import LABELS, GenerateSpy, assistant, save_chat_model, template_
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "test-results"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"  # CHROMIUM=path: another build
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +122,9 @@ def test_write_space_app_makes_the_folder_a_space(chat_model, tmp_path):
     assert (folder / "app.py").read_text() == Path(app.__file__).read_text()
     assert "gradio>=6.31,<6.32" in (folder / "requirements.txt").read_text().splitlines()
     readme = (folder / "README.md").read_text()
-    header = readme.split("---\n")[1].splitlines()
-    assert header[:3] == ["library_name: transformers", "tags:", "- generated_from_trainer"]  # the card's, kept
-    assert {'sdk: "gradio"', 'app_file: "app.py"'} <= set(header)
+    header = yaml.safe_load(readme.split("---\n")[1])
+    assert header == {"library_name": "transformers", "tags": ["generated_from_trainer"],  # the card's, kept
+                      "sdk": "gradio", "sdk_version": importlib.metadata.version("gradio"), "app_file": "app.py"}
     assert readme.endswith("\n# card\n")
     write_space_app(folder)  # again: the header is not doubled
     assert (folder / "README.md").read_text() == readme
@@ -275,3 +277,46 @@ def test_the_classifier_page_shows_each_labels_score_in_a_real_browser(browser, 
         page.close()
     for label, score in scores.items():
         assert label in text and f"{round(100 * score)}%" in text, text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipes' --space_app: what --push_to_hub uploads
+
+
+class FakeHub:
+    """Stands in for the Hub API of `Trainer`: records the files of each folder it is asked to upload."""
+
+    def __init__(self):
+        self.uploads: list[dict[str, str]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, folder_path, **kwargs):
+        files = {path.name: path for path in Path(folder_path).iterdir() if path.is_file()}
+        self.uploads.append({name: files[name].read_text() for name in ("app.py", "README.md") if name in files}
+                            | {"files": sorted(files)})
+
+
+@pytest.mark.slow
+def test_a_recipe_with_space_app_pushes_the_page_and_the_spaces_settings(tmp_path, monkeypatch):
+    from test_pretrain_recipe import pretrain, tiny_args  # tests/ is on sys.path
+
+    import transformers.trainer
+    from hf_scratchgpt.data import default_corpus
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(default_corpus()[:12])[:40_000])
+    out = tmp_path / "run"
+    pretrain.main(tiny_args(corpus, out, "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
+                            "--space_app", "true", "--push_to_hub", "true", "--hub_model_id", "me/tiny"))
+    assert hub.uploads  # pushed, the fake Hub says
+    for upload in hub.uploads:
+        assert {"app.py", "requirements.txt", "model.safetensors", "config.json", "tokenizer.json"} <= set(
+            upload["files"])
+        assert upload["app.py"] == Path(app.__file__).read_text()
+        header = yaml.safe_load(upload["README.md"].split("---\n")[1])
+        assert (header["sdk"], header["app_file"], header["library_name"]) == ("gradio", "app.py", "transformers")
+        assert "## Try it" in upload["README.md"]
