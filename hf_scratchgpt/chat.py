@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_sampling_arguments(parser, args)
     if not args.web and (args.port is not None or args.share):
         parser.error("--port and --share go with --web")
+    if args.web and args.system is not None:
+        parser.error("--system goes with the terminal chat, not --web")
     if args.port is not None and not 0 < args.port < 65536:
         parser.error(f"--port must be in 1-65535, got {args.port}")
     return args

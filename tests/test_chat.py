@@ -222,8 +222,15 @@ def test_a_port_in_use_is_named_before_the_model_loads(chat_model, capsys, monke
     assert message == f"scratchgpt-chat: error: port {port} on 127.0.0.1 is in use: choose another with --port"
 
 
-def test_port_without_web_is_a_usage_error(chat_model, capsys, monkeypatch):
-    assert "--port and --share go with --web" in refused([str(chat_model), "--port", "7860"], capsys, monkeypatch)
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "7860"], "--port and --share go with --web"),
+    (["--share"], "--port and --share go with --web"),
+    (["--web", "--system", "Be brief."], "--system goes with the terminal chat, not --web"),
+    (["--web", "--port", "70000"], "--port must be in 1-65535, got 70000"),
+    (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
+])
+def test_flags_that_do_not_go_together_are_usage_errors(chat_model, capsys, monkeypatch, flags, message):
+    assert refused([str(chat_model), *flags], capsys, monkeypatch) == f"scratchgpt-chat: error: {message}"
 
 
 def test_a_classifier_has_no_terminal_chat(tmp_path, gpt2, capsys, monkeypatch):
