@@ -18,9 +18,18 @@ import socket
 import sys
 
 import torch
+from transformers import AutoConfig
 
-from .app import build_page, context_length, fit_prompt, is_classifier, launch_page, load_model, sampling_kwargs, \
-    stream_reply
+from .app import (
+    build_page,
+    context_length,
+    fit_prompt,
+    is_classifier,
+    launch_page,
+    load_model,
+    sampling_kwargs,
+    stream_reply,
+)
 from .generate import add_sampling_arguments, check_model_folder, check_sampling_arguments
 
 
@@ -58,6 +67,10 @@ def main(argv=None) -> None:
     if args.web and args.port is not None:
         check_port(args.host, args.port)
     try:
+        if not args.web and is_classifier(AutoConfig.from_pretrained(args.model,
+                                                                     trust_remote_code=args.trust_remote_code)):
+            sys.exit(f"{PROG}: error: {args.model} holds a classifier, not a language model: its page is "
+                     f"`{PROG} {args.model} --web`")
         model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:
         sys.exit(f"{PROG}: error: cannot load {args.model}: {str(err).strip().splitlines()[0]}")
@@ -70,15 +83,13 @@ def main(argv=None) -> None:
         except OSError as err:  # the port taken between our check and Gradio's start
             sys.exit(f"{PROG}: error: cannot serve on {args.host}:{args.port}: {str(err).strip().splitlines()[0]}")
         return
-    if is_classifier(model.config):
-        sys.exit(f"{PROG}: error: {args.model} holds a classifier, not a language model: its page is "
-                 f"`{PROG} {args.model} --web`")
     chat_in_terminal(model, tokenizer, args)
 
 
 def check_port(host: str, port: int) -> None:
     """Exit with one line, before any model is loaded, when `port` cannot be listened on."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds: only a listener stops it
         try:
             sock.bind((host, port))
         except OSError as err:

@@ -235,9 +235,9 @@ def test_flags_that_do_not_go_together_are_usage_errors(chat_model, capsys, monk
 
 def test_a_classifier_has_no_terminal_chat(tmp_path, gpt2, capsys, monkeypatch):
     folder = save_chat_model(tmp_path / "classifier", gpt2, classifier=True)
-    with pytest.raises(SystemExit, match="holds a classifier, not a language model: its page is "
-                                         f"`scratchgpt-chat {folder} --web`"):
-        main([str(folder)])
+    assert refused([str(folder)], capsys, monkeypatch) == (
+        f"scratchgpt-chat: error: {folder} holds a classifier, not a language model: its page is "
+        f"`scratchgpt-chat {folder} --web`")
 
 
 def test_an_unloadable_folder_is_one_line(chat_model, tmp_path, capsys):

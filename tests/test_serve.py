@@ -1,5 +1,5 @@
-"""Chapter 7, serving: `transformers serve` and `transformers chat` with a small instruction-tuned ScratchGPT,
-exported as GPT-2 with its chat template (`scratchgpt-export --to gpt2`), talked to through the `openai` client.
+"""Tests of serving (chapter 7): `transformers serve` and `transformers chat` with a small instruction-tuned
+ScratchGPT, exported as GPT-2 with its chat template (`scratchgpt-export --to gpt2`), through the `openai` client.
 
 `transformers serve` 5.24 builds the class named in `config.architectures` from the transformers namespace, so it
 serves the export, not the ScratchGPT folder (tests/test_export.py checks the export itself).
