@@ -1,7 +1,7 @@
 """Chapter 7, talking to the model: time to the first token and tokens per second of one chat reply, for GPT-2
 small's shape on this machine, along the three ways the project streams a reply.
 
-    python benchmarks/chat_latency.py [--max_new_tokens 64] [--runs 3]
+    python benchmarks/chat_latency.py [--max_new_tokens 64] [--runs 3] [--threads N]
 
 The model: random weights of GPT-2 small's shape (124M parameters, context 1,024), GPT-2's tokenizer with chapter
 7's chat template, saved to a temporary folder; the end-of-text token is suppressed in its generation config, so
@@ -60,7 +60,12 @@ def main() -> None:
                         help="GPT-2's vocabulary files (encoder.json, vocab.bpe)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3, help="timed replies per path, after one warm-up")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, here and in the server (default: torch's, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for `transformers serve`, a process of its own
 
     with tempfile.TemporaryDirectory() as tmp:
         folder, exported = save_models(Path(tmp), args.gpt2_dir)
