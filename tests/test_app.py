@@ -165,6 +165,30 @@ def test_app_py_serves_the_model_of_its_own_folder_without_hf_scratchgpt(chat_mo
     assert reply == tokenizer.decode(greedy, skip_special_tokens=True)
 
 
+@pytest.mark.slow
+def test_scratchgpt_chat_web_serves_the_page_on_the_port_given(chat_model, tmp_path):
+    from gradio_client import Client
+
+    port = free_port()
+    log = tmp_path / "web.log"
+    with open(log, "w") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "hf_scratchgpt.chat", str(chat_model), "--web", "--port",
+                                   str(port)], env={**os.environ, "NO_PROXY": "127.0.0.1"}, stdout=log_file,
+                                  stderr=subprocess.STDOUT)
+    try:
+        url = wait_for_page(f"http://127.0.0.1:{port}/", server, log)
+        reply = Client(url, verbose=False).predict("Hi", 0, 50, 1.0, 4, api_name="/chat")
+        taken = subprocess.run([sys.executable, "-m", "hf_scratchgpt.chat", str(chat_model), "--web", "--port",
+                                str(port)], capture_output=True, text=True, timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert isinstance(reply, str) and reply
+    assert taken.returncode == 1
+    assert taken.stderr.strip().splitlines() == [f"scratchgpt-chat: error: port {port} on 127.0.0.1 is in use: "
+                                                 "choose another with --port"]
+
+
 def wait_for_page(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> str:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
