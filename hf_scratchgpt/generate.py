@@ -1,7 +1,7 @@
 """Chapter 5, generating text (section 5.3): sample from a saved model, streaming to the terminal.
 
     scratchgpt-generate runs/pretrain-default --prompt "The for statement" --max_new_tokens 80 \\
-        --temperature 0.8 --top_k 40 --top_p 0.95
+        --temperature 0.8 --top_k 40 --top_p 0.95 [--dtype bfloat16]
     python -m hf_scratchgpt.generate FOLDER_OR_HUB_ID ...
 
 Temperature 0 is greedy decoding; otherwise tokens are sampled after temperature scaling, top-k and top-p
@@ -24,6 +24,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("model", help="a saved model folder or a Hub id")
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     add_sampling_arguments(parser)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="weights' dtype: bfloat16 halves the bytes a decoding step reads (auto: as saved)",
+    )
     parser.add_argument("--trust_remote_code", action="store_true", help="load a folder's own code")
     args = parser.parse_args(argv)
     if not args.prompt:
@@ -78,7 +84,9 @@ def generate_text(argv=None) -> str:
     check_model_folder("scratchgpt-generate", args.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        ).eval()
     except OSError as err:
         sys.exit(f"scratchgpt-generate: error: cannot load {args.model}: {str(err).splitlines()[0]}")
     if args.seed is not None:
