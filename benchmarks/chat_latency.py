@@ -20,7 +20,8 @@ conversation through the chat template. The paths, each timed from where its use
   the `openai` client with `stream=True`: from the request to each chunk.
 
 Time to first token (TTFT) is the wait for the first text; tokens/s is the new tokens after the first over the time
-from the first to the last. Each figure is the median of `--runs` replies after one warm-up reply, the paths taking turns run by run.
+from the first to the last. Each figure is the median of `--runs` replies after one warm-up reply, the paths taking
+turns run by run. `--threads 1` keeps a shared machine's other work from distorting the comparison (see README).
 """
 
 import argparse

@@ -117,7 +117,8 @@ def test_app_py_needs_nothing_but_torch_transformers_and_gradio():
 def test_write_space_app_makes_the_folder_a_space(chat_model, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(chat_model, folder)
-    (folder / "README.md").write_text("---\nlibrary_name: transformers\ntags:\n- generated_from_trainer\n---\n\n# card\n")
+    card = "---\nlibrary_name: transformers\ntags:\n- generated_from_trainer\n---\n\n# card\n"
+    (folder / "README.md").write_text(card)
     assert write_space_app(folder) == folder / "app.py"
     assert (folder / "app.py").read_text() == Path(app.__file__).read_text()
     assert "gradio>=6.31,<6.32" in (folder / "requirements.txt").read_text().splitlines()
