@@ -83,6 +83,11 @@ def test_missing_folder_is_named(tmp_path):
         generate_text([str(tmp_path / "nope")])
 
 
+def test_a_folder_without_a_model_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=f"{tmp_path} holds no model \\(no config.json\\)"):
+        generate_text([str(tmp_path)])
+
+
 @pytest.mark.slow
 def test_the_console_command_exits_0_and_prints_the_text_once(saved_model):
     folder, _ = saved_model
