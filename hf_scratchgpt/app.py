@@ -46,11 +46,12 @@ SYSTEM_MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
 # The model, the prompt and the reply
 
 
-def load_model(folder: str | os.PathLike, *, trust_remote_code: bool = False):
-    """(model, tokenizer) of a saved causal LM or sequence classifier, the class read from its config.json."""
+def load_model(folder: str | os.PathLike, *, trust_remote_code: bool = False, dtype: str = "float32"):
+    """(model, tokenizer) of a saved causal LM or sequence classifier, the class read from its config.json, with
+    its weights in `dtype`."""
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     auto_class = AutoModelForSequenceClassification if is_classifier(config) else AutoModelForCausalLM
-    model = auto_class.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
+    model = auto_class.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 

@@ -71,7 +71,7 @@ def main(argv=None) -> None:
                                                                      trust_remote_code=args.trust_remote_code)):
             sys.exit(f"{PROG}: error: {args.model} holds a classifier, not a language model: its page is "
                      f"`{PROG} {args.model} --web`")
-        model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     except (OSError, ValueError) as err:
         sys.exit(f"{PROG}: error: cannot load {args.model}: {str(err).strip().splitlines()[0]}")
     if args.seed is not None:

@@ -24,12 +24,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("model", help="a saved model folder or a Hub id")
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     add_sampling_arguments(parser)
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16", "auto"],
-        help="weights' dtype: bfloat16 halves the bytes a decoding step reads (auto: as saved)",
-    )
     parser.add_argument("--trust_remote_code", action="store_true", help="load a folder's own code")
     args = parser.parse_args(argv)
     if not args.prompt:
@@ -39,12 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 50) -> None:
-    """The flags of sampling, shared by `scratchgpt-generate` and `scratchgpt-chat`."""
+    """The flags of sampling, and the weights' dtype, shared by `scratchgpt-generate` and `scratchgpt-chat`."""
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
     parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
     parser.add_argument("--top_p", type=float, default=1.0, help="sample among the likeliest tokens of mass p")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="the weights' dtype: bfloat16 halves the bytes a decoding step reads (auto: as saved)",
+    )
 
 
 def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -117,6 +117,15 @@ def test_two_turns_the_second_prompt_holds_the_first_turn(chat_model, tokenizer,
     assert f"model> {spy.reply(tokenizer, 1)}\n" in out
 
 
+def test_bfloat16_weights_chat_in_bfloat16(chat_model, monkeypatch, capsys):
+    dtypes = []
+    generate = ScratchGPTForCausalLM.generate
+    monkeypatch.setattr(ScratchGPTForCausalLM, "generate",
+                        lambda model, *a, **k: dtypes.append(model.lm_head.weight.dtype) or generate(model, *a, **k))
+    out = chat(monkeypatch, capsys, [str(chat_model), *GREEDY, "--dtype", "bfloat16"], ["Name a colour.", "/exit"])
+    assert dtypes == [torch.bfloat16] and "model> " in out
+
+
 def test_reset_clears_the_history_and_exit_ends_the_chat(chat_model, tokenizer, monkeypatch, capsys):
     spy = GenerateSpy(monkeypatch)
     out = chat(monkeypatch, capsys, [str(chat_model), *GREEDY],
