@@ -9,9 +9,16 @@ each ratio is ScratchGPT / GPT-2 from medians of the same run:
    throughput measured in between the training runs (N = all parameters but the position embeddings, the tied
    head counted once);
 3. generation: greedy `generate()` tokens/s with the KV cache, at batch 1 and 8;
-4. decode cost growth: time per new token after 1,000 tokens of context over that after 100 (models of context
-   1,024), timed token by token inside `generate()` so the prefill is left out;
-5. peak memory of a training step, each model in a fresh child process (the one measurement not alternated).
+4. decode: time per new token after 100 and 1,000 tokens of context (models of context 1,024), timed token by
+   token inside `generate()` so the prefill is left out; its growth from 100 to 1,000; and the step at 100 as a
+   multiple of the time to read the weights once at the read bandwidth measured in the same run (its limit);
+5. peak memory of a training step, and of generating 24 tokens after a 1,000-token prompt, each model in a fresh
+   child process (the measurements not alternated);
+6. bfloat16, where the CPU has AVX-512 BF16 or AMX (or `--bf16`): training under autocast and decoding with
+   bfloat16 weights, each against the same model's float32 figure, and the gap between the losses of float32 and
+   bfloat16 training over the first 50 steps.
+
+The table's header line names the machine: CPU model, vendor and extensions, threads, torch, MKL and oneDNN.
 
 Run it from the repository root:
 
@@ -38,7 +45,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
 
@@ -80,6 +87,9 @@ class Settings:
     compile: bool = False
     peak_tflops: float | None = None
     skip_memory: bool = False
+    bf16: bool = False  # the bfloat16 rows: on by default where the CPU multiplies bfloat16 (AVX-512 BF16, AMX)
+    bf16_loss_steps: int = 50  # steps of float32 and bfloat16 training whose losses are compared
+    amx: bool = False  # the CPU has AMX: the bfloat16 targets apply
     seed: int = 0
 
 
@@ -106,7 +116,7 @@ class Row:
     measure: str
     unit: str  # "tok/s", "%", "ms", "x", "MiB"
     scratchgpt: float
-    gpt2: float
+    gpt2: float | None  # None where only ScratchGPT is measured
     ratio: float | None = None  # ScratchGPT / GPT-2
     target: str = ""
     passed: bool | None = None
@@ -364,6 +374,118 @@ def measure_decode(pair, shape: str, attn: str, settings: Settings) -> list[Row]
     return rows
 
 
+# --- 4b. a decode step against the time to read the weights ----------------------------------------------------
+
+
+def read_bandwidth(settings: Settings, mib: int = 256, runs: int = 5) -> float:
+    """Bytes/s the machine reads: the best of `runs` `torch.sum`s over `mib` MiB (all threads), as a batch-1 decode
+    step reads its weights."""
+    data = torch.ones(mib * 2**20 // 4, device=settings.device)
+    run = timed(lambda: data.sum(), settings.device)
+    return data.numel() * 4 / min(run() for _ in range(runs + 1))
+
+
+def decode_weight_bytes(model: ScratchGPTForCausalLM) -> int:
+    """What a batch-1 decode step must read: the blocks, the final LayerNorm and the output head (of the
+    embeddings it reads one row each, nothing)."""
+    body = [model.model.trf_blocks, model.model.final_norm, model.lm_head]
+    return sum(param.numel() * param.element_size() for part in body for param in part.parameters())
+
+
+def measure_decode_limit(decode_rows: list[Row], model: ScratchGPTForCausalLM, settings: Settings) -> list[Row]:
+    """Each decode step at 100 tokens of context as a multiple of the weight-reading limit measured now."""
+    bandwidth = read_bandwidth(settings)
+    limit_ms = 1e3 * decode_weight_bytes(model) / bandwidth
+    rows = []
+    for row in decode_rows:
+        if row.measure == f"decode ms/token, {DECODE_CONTEXTS[0]} context":
+            rows.append(Row(row.shape, row.attn, "decode step / weight-read limit", "x", row.scratchgpt / limit_ms,
+                            row.gpt2 / limit_ms, row.ratio, samples={"limit_ms": limit_ms, "read_gb_s": bandwidth / 1e9,
+                                                                     "weight_mb": decode_weight_bytes(model) / 1e6}))
+    return rows
+
+
+# --- 6. bfloat16 against float32 --------------------------------------------------------------------------------
+
+
+def autocast(settings: Settings, enabled: bool = True):
+    device = "cuda" if settings.device.startswith("cuda") else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
+def measure_bf16_training(pair, shape: str, attn: str, fp32_rows: list[Row], settings: Settings) -> list[Row]:
+    """Training tokens/s under bfloat16 autocast (what Trainer's `--bf16` does; the weights stay float32), both
+    models alternating, and the speed-up over each one's float32 figure of the same run."""
+    steps = {}
+    for name, model in pair.items():
+        step, _ = training_step(model, settings)
+        steps[name] = lambda step=step: _in_autocast(step, settings)
+    samples = alternate(steps, settings.steps, settings.warmup)
+    for model in pair.values():
+        model.eval()
+    tokens = settings.batch * settings.seq
+    tok_s = {name: tokens / median(samples[name]) for name in MODELS}
+    fp32 = next(row for row in fp32_rows if row.measure == "train tokens/s")
+    speedup = {"scratchgpt": tok_s["scratchgpt"] / fp32.scratchgpt, "gpt2": tok_s["gpt2"] / fp32.gpt2}
+    return [
+        Row(shape, attn, "bf16 train tokens/s", "tok/s", tok_s["scratchgpt"], tok_s["gpt2"],
+            tok_s["scratchgpt"] / tok_s["gpt2"], samples={"seconds": samples}),
+        Row(shape, attn, "bf16 / fp32 train tokens/s", "x", speedup["scratchgpt"], speedup["gpt2"],
+            speedup["scratchgpt"] / speedup["gpt2"]),
+    ]
+
+
+def _in_autocast(step: Callable[[], float], settings: Settings) -> float:
+    with autocast(settings):
+        return step()
+
+
+def measure_bf16_loss(shape: str, attn: str, settings: Settings) -> Row:
+    """ScratchGPT trained `bf16_loss_steps` steps in float32 and under bfloat16 autocast from the same weights on
+    the same batches: the largest gap between the two losses, as a share of the float32 loss."""
+    losses = {}
+    for bf16 in (False, True):
+        model = build_scratchgpt(shape, settings.context, attn, settings).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+        generator = torch.Generator().manual_seed(settings.seed)
+        losses[bf16] = []
+        for _ in range(settings.bf16_loss_steps):
+            batch = torch.randint(0, VOCAB_SIZE, (settings.batch, settings.seq), generator=generator)
+            with autocast(settings, enabled=bf16):
+                loss = model(input_ids=batch.to(settings.device), labels=batch.to(settings.device)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[bf16].append(loss.item())
+        del model, optimizer
+        gc.collect()
+    gap = max(abs(bf16 - fp32) / fp32 for fp32, bf16 in zip(losses[False], losses[True]))
+    return Row(shape, attn, f"bf16 loss gap, first {settings.bf16_loss_steps} steps", "%", 100 * gap, None,
+               samples={"fp32": losses[False], "bf16": losses[True]})
+
+
+def measure_bf16_decode(pair, shape: str, attn: str, fp32_rows: list[Row], settings: Settings) -> list[Row]:
+    """A decode step at 100 tokens of context with bfloat16 weights, and its time over the float32 step's."""
+    for model in pair.values():
+        model.to(torch.bfloat16)
+    try:
+        prompt = random_prompt(1, DECODE_CONTEXTS[0], settings)
+        runs = {name: decode_step_run(pair[name], prompt, settings) for name in MODELS}
+        samples = alternate(runs, settings.decode_rounds, warmup=1)
+    finally:
+        for model in pair.values():
+            model.to(torch.float32)
+    ms = {name: 1e3 * median(samples[name]) for name in MODELS}
+    fp32 = next(row for row in fp32_rows if row.measure == f"decode ms/token, {DECODE_CONTEXTS[0]} context")
+    share = {"scratchgpt": ms["scratchgpt"] / fp32.scratchgpt, "gpt2": ms["gpt2"] / fp32.gpt2}
+    return [
+        Row(shape, attn, f"bf16 decode ms/token, {DECODE_CONTEXTS[0]} context", "ms", ms["scratchgpt"], ms["gpt2"],
+            ms["scratchgpt"] / ms["gpt2"], samples={"seconds_per_step": samples}),
+        Row(shape, attn, "bf16 / fp32 decode step", "x", share["scratchgpt"], share["gpt2"],
+            share["scratchgpt"] / share["gpt2"]),
+    ]
+
+
 # --- 5. peak memory of a training step (child processes) ----------------------------------------------------------
 
 
@@ -410,22 +532,27 @@ def memory_child(which: str, shape: str, settings: Settings) -> dict[str, dict[s
     return result
 
 
-def measure_memory(shape: str, settings: Settings) -> list[Row]:
-    """Each model in its own spawned process, the two side by side. On CPU the child's glibc malloc hands every
-    block over 64 KiB straight back to the system when freed (`MALLOC_MMAP_THRESHOLD_`), so its resident size
-    follows the live tensors."""
+def in_child_processes(child: Callable, names: tuple[str, ...], shape: str, settings: Settings) -> dict:
+    """`child(which, shape, settings)` for each of `names`, each in a fresh spawned process, side by side. On
+    CPU the child's glibc malloc hands every block over 64 KiB straight back to the system when freed
+    (`MALLOC_MMAP_THRESHOLD_`), so its resident size follows the live tensors."""
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the child's malloc at its start
     try:  # both at once: a process's peak is its own, and the two start-ups (imports) overlap
         spawn = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(len(MODELS), mp_context=spawn, max_tasks_per_child=1) as pool:
-            futures = {which: pool.submit(memory_child, which, shape, settings) for which in MODELS}
-            results = {which: future.result() for which, future in futures.items()}
+        with concurrent.futures.ProcessPoolExecutor(len(names), mp_context=spawn, max_tasks_per_child=1) as pool:
+            futures = {which: pool.submit(child, which, shape, settings) for which in names}
+            return {which: future.result() for which, future in futures.items()}
     finally:
         if saved is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+
+
+def measure_memory(shape: str, settings: Settings) -> list[Row]:
+    """Peak memory of a training step, each model in its own process."""
+    results = in_child_processes(memory_child, MODELS, shape, settings)
     rows = []
     for attn in settings.attns:
         mib = {key: {name: results[name][attn][key] / 2**20 for name in MODELS} for key in ("peak", "step")}
@@ -437,11 +564,45 @@ def measure_memory(shape: str, settings: Settings) -> list[Row]:
     return rows
 
 
+def generate_memory_child(which: str, shape: str, settings: Settings) -> int:
+    """Run in a fresh process: one model of context 1,024; bytes above its resting size at the highest point of
+    generating `decode_new` tokens after a 1,000-token prompt. `which`: "scratchgpt" (its `KVCache`),
+    "dynamic-cache" (ScratchGPT given transformers' `DynamicCache`) or "gpt2" (GPT-2, a `DynamicCache`)."""
+    attn = "sdpa" if "sdpa" in settings.attns else settings.attns[0]
+    model = build_scratchgpt(shape, DECODE_CONTEXT_LENGTH, attn, settings).eval()
+    if which == "gpt2":
+        model = model.to_gpt2()
+        model.set_attn_implementation(attn)
+        gc.collect()
+    cache = (lambda: {"cache": DynamicCache()}) if which == "dynamic-cache" else dict
+    model.generate(**random_prompt(1, 8, settings), **generation_config(2), **cache())  # warm-up: first-use work
+    gc.collect()
+    resting = 1024 * _rss_kib("VmRSS")
+    _reset_peak_rss()
+    model.generate(**random_prompt(1, DECODE_CONTEXTS[1], settings), **generation_config(settings.decode_new), **cache())
+    return 1024 * _rss_kib("VmHWM") - resting
+
+
+def measure_generate_memory(shape: str, settings: Settings) -> list[Row]:
+    """Peak memory of a long prompt's generation: ScratchGPT against GPT-2, and its `KVCache` against the
+    `DynamicCache` transformers would give it."""
+    mib = {name: peak / 2**20 for name, peak in
+           in_child_processes(generate_memory_child, ("scratchgpt", "gpt2", "dynamic-cache"), shape, settings).items()}
+    attn = "sdpa" if "sdpa" in settings.attns else settings.attns[0]
+    measure = f"generate peak memory, {DECODE_CONTEXTS[1]:,} + {settings.decode_new}"
+    return [
+        Row(shape, attn, measure, "MiB", mib["scratchgpt"], mib["gpt2"], mib["scratchgpt"] / mib["gpt2"],
+            samples={"dynamic_cache_mib": mib["dynamic-cache"]}),
+        Row(shape, attn, "  KVCache / DynamicCache", "x", mib["scratchgpt"] / mib["dynamic-cache"], None),
+    ]
+
+
 # --- targets, table and JSON --------------------------------------------------------------------------------------
 
 
-def target_for(row: Row) -> Target | None:
-    """The issue's goals for ScratchGPT; rows without one show no target."""
+def target_for(row: Row, settings: Settings) -> Target | None:
+    """The issues' goals for ScratchGPT; rows without one show no target. The bfloat16 speed goals are for CPUs
+    with AMX, whose tiles multiply bfloat16 many times faster than float32."""
     if row.measure == "train tokens/s" and row.shape in ("small", "gpt2-small"):
         threshold = 1.10 if row.shape == "small" else 1.0
         return Target("ratio", ">=", threshold, f">= {threshold:.2f}x")
@@ -453,21 +614,33 @@ def target_for(row: Row) -> Target | None:
         return Target("scratchgpt", "<=", 1.5, "<= 1.50x")
     if row.measure == "train peak memory" and row.shape == "gpt2-small":
         return Target("ratio", "<=", 0.8, "<= 0.80x")
+    if row.measure == "decode step / weight-read limit" and row.shape == "gpt2-small":
+        return Target("scratchgpt", "<=", 1.25, "<= 1.25x")
+    if row.measure == "  KVCache / DynamicCache":
+        return Target("scratchgpt", "<=", 1.0, "<= 1.00x")
+    if row.measure.startswith("bf16 loss gap"):
+        return Target("scratchgpt", "<=", 2.0, "<= 2.0%")
+    if row.measure == "bf16 / fp32 train tokens/s" and row.shape == "gpt2-small" and settings.amx:
+        return Target("scratchgpt", ">=", 1.5, ">= 1.50x")
+    if row.measure == "bf16 / fp32 decode step" and row.shape == "gpt2-small" and settings.amx:
+        return Target("scratchgpt", "<=", 0.6, "<= 0.60x")
     return None
 
 
-def apply_targets(rows: list[Row]) -> None:
+def apply_targets(rows: list[Row], settings: Settings) -> None:
     for row in rows:
-        target = target_for(row)
+        target = target_for(row, settings)
         if target is not None:
             row.target, row.passed = target.label, target.check(row)
 
 
-def fmt(value: float, unit: str) -> str:
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
     if unit == "tok/s":
         return f"{value:,.0f}"
     if unit == "%":
-        return f"{value:.1f}%"
+        return f"{value:.1f}%" if value >= 1 else f"{value:.2f}%"
     if unit == "x":
         return f"{value:.2f}x"
     if unit == "MiB":
@@ -492,18 +665,49 @@ def print_table(rows: list[Row]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")  # what the matmuls and bfloat16 can use
+
+
+def cpu_description() -> dict:
+    """The CPU's model, vendor and matrix / vector extensions, from /proc/cpuinfo (Linux), and the libraries that
+    run torch's matmuls on it."""
+    info = {"model": platform.processor() or platform.machine(), "vendor": "", "flags": []}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            fields = dict(line.split(":", 1) for line in cpuinfo.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        fields = {}
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    info["model"] = fields.get("model name", info["model"])
+    info["vendor"] = fields.get("vendor_id", "")
+    info["flags"] = [flag for flag in CPU_FLAGS if flag in fields.get("flags", "").split()]
+    config = torch.__config__.show()
+    for name, marker in (("mkl", "Math Kernel Library Version "), ("onednn", "MKL-DNN v")):
+        info[name] = config.split(marker, 1)[1].split()[0].split("-")[0] if marker in config else None
+    return info
+
+
 def environment(settings: Settings) -> dict:
     env = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "threads": torch.get_num_threads(),
         "device": settings.device,
     }
     if settings.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def describe_machine(env: dict) -> str:
+    """One line that says what every figure was measured on."""
+    cpu = env["cpu"]
+    flags = ", ".join(cpu["flags"]) or "no AVX2"
+    device = env.get("gpu", "") + (" on " if "gpu" in env else "")
+    return (f"{device}{cpu['model']} ({cpu['vendor'] or 'unknown vendor'}; {flags}), {env['threads']} threads,"
+            f" torch {env['torch']}, MKL {cpu['mkl']}, oneDNN {cpu['onednn']}, transformers {env['transformers']}")
 
 
 def print_notes(settings: Settings, rows: list[Row]) -> None:
@@ -526,12 +730,32 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
                "peak resident size (VmHWM, reset before the step) with malloc returning freed blocks to the system")
         print(f"memory: one fresh process per model; peak = {how}, minus the process before the model was built"
               " (so weights + AdamW state + the step's activations and gradients)")
+    for row in rows:
+        if row.measure == "decode step / weight-read limit":
+            print(f"weight-read limit, {row.shape}/{row.attn}: {row.samples['weight_mb']:.0f} MB of blocks and head at"
+                  f" {row.samples['read_gb_s']:.1f} GB/s (torch.sum over 256 MiB) = {row.samples['limit_ms']:.2f} ms")
+    if settings.bf16:
+        print(f"bf16: training under torch.autocast(bfloat16) with float32 weights (Trainer's --bf16); decoding with"
+              f" the weights cast to bfloat16; losses of {settings.bf16_loss_steps} steps from the same start"
+              f"{'' if settings.amx else '; no AMX here, so the bf16 speed targets do not apply'}")
+    choices = decode_linear_choices()
+    if choices:
+        print("DecodeLinear, measured at first use (rows x out x in, dtype: way):",
+              "; ".join(f"{key}: {way}" for key, way in choices.items()))
     same = [row.samples.get("same_tokens") for row in rows if "same_tokens" in row.samples]
     losses = [row.samples["first_loss"] for row in rows if "first_loss" in row.samples]
     if losses:
         gap = max(abs(loss["scratchgpt"] - loss["gpt2"]) for loss in losses)
         print(f"checks: first training losses differ by at most {gap:.2e}; {100 * statistics.mean(same):.0f}% of the"
               " greedy tokens are the same (random weights: near-ties that rounding can flip)")
+
+
+def decode_linear_choices() -> dict[str, str]:
+    """Which way `DecodeLinear` measured faster for each shape in this process: the split `bmm` or `F.linear`."""
+    from hf_scratchgpt.speedups_scratchgpt import DecodeLinear
+
+    return {f"{rows}x{out}x{inp} {str(dtype).removeprefix('torch.')}": "split bmm" if split else "F.linear"
+            for (rows, out, inp, dtype, _threads), split in DecodeLinear.split_is_faster.items()}
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -553,7 +777,9 @@ def parse_args(argv=None) -> tuple[Settings, str | None]:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both models for training")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU instead of the measured matmul")
-    parser.add_argument("--skip-memory", action="store_true", help="leave out the memory measurement")
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the memory measurements")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                        help="bfloat16 rows (default: where the CPU has AVX-512 BF16 or AMX, or on CUDA)")
     args = parser.parse_args(argv)
 
     shapes = (args.shapes or ("small" if args.quick else "small,gpt2-small")).split(",")
@@ -563,9 +789,14 @@ def parse_args(argv=None) -> tuple[Settings, str | None]:
     settings = Settings(shapes=shapes, attns=args.attn.split(","), device=args.device, dtype=args.dtype,
                         context=args.context, compile=args.compile, peak_tflops=args.peak_tflops,
                         skip_memory=args.skip_memory)
+    flags = cpu_description()["flags"]
+    settings.amx = settings.device == "cpu" and "amx_bf16" in flags
+    bf16_hardware = settings.device.startswith("cuda") or "amx_bf16" in flags or "avx512_bf16" in flags
+    settings.bf16 = (bf16_hardware if args.bf16 is None else args.bf16) and settings.dtype == "float32"
     if args.quick:
         settings.batch, settings.steps, settings.warmup = 2, 3, 1
         settings.gen_new, settings.decode_new, settings.decode_rounds, settings.matmul_reps = 16, 12, 2, 2
+        settings.bf16_loss_steps = 10
     settings.batch = args.batch or settings.batch
     settings.steps = args.steps or settings.steps
     settings.seq = args.seq or settings.context
@@ -580,15 +811,17 @@ def main(argv=None) -> None:
     settings, json_path = parse_args(argv)
     start = time.perf_counter()
     env = environment(settings)
-    print(f"ScratchGPT vs GPT2LMHeadModel on {env['device']} ({env.get('gpu', env['machine'])}), {settings.dtype},"
-          f" torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads")
+    print(f"ScratchGPT vs GPT2LMHeadModel on {env['device']}, {settings.dtype}: {describe_machine(env)}", flush=True)
 
     rows: list[Row] = []
     for shape in settings.shapes:
         pair = build_pair(shape, settings.context, settings.attns[0], settings)
         for attn in settings.attns:
             set_attn(pair, attn)
-            rows += measure_training(pair, shape, attn, settings)
+            training = measure_training(pair, shape, attn, settings)
+            rows += training
+            if settings.bf16:
+                rows += measure_bf16_training(pair, shape, attn, training, settings)
             rows += [measure_generation(pair, shape, attn, batch, settings) for batch in settings.gen_batches]
             print(f"  [{time.perf_counter() - start:5.0f}s] {shape} {attn}: training and generation done", flush=True)
         if settings.context < DECODE_CONTEXT_LENGTH:
@@ -597,18 +830,25 @@ def main(argv=None) -> None:
             pair = build_pair(shape, DECODE_CONTEXT_LENGTH, settings.attns[0], settings)
         for attn in settings.attns:
             set_attn(pair, attn)
-            rows += measure_decode(pair, shape, attn, settings)
+            decode = measure_decode(pair, shape, attn, settings)
+            rows += decode + measure_decode_limit(decode, pair["scratchgpt"], settings)
+            if settings.bf16:
+                rows += measure_bf16_decode(pair, shape, attn, decode, settings)
         del pair
         gc.collect()
         print(f"  [{time.perf_counter() - start:5.0f}s] {shape}: decode done", flush=True)
+        if settings.bf16:
+            rows.append(measure_bf16_loss(shape, settings.attns[0], settings))
+            print(f"  [{time.perf_counter() - start:5.0f}s] {shape}: bf16 losses done", flush=True)
         if not settings.skip_memory:
             rows += measure_memory(shape, settings)
+            rows += measure_generate_memory(shape, settings)
             print(f"  [{time.perf_counter() - start:5.0f}s] {shape}: memory done", flush=True)
 
     order = [measure for measure in dict.fromkeys(row.measure for row in rows)]
     rows.sort(key=lambda row: (settings.shapes.index(row.shape), settings.attns.index(row.attn),
                                order.index(row.measure)))
-    apply_targets(rows)
+    apply_targets(rows, settings)
     print()
     print_table(rows)
     print_notes(settings, rows)
@@ -618,7 +858,7 @@ def main(argv=None) -> None:
         json_path = Path(__file__).parent / "results" / time.strftime("bench-%Y%m%d-%H%M%S.json")
         json_path.parent.mkdir(exist_ok=True)
     report = {"environment": env, "settings": asdict(settings), "seconds": elapsed,
-              "rows": [asdict(row) for row in rows]}
+              "decode_linear_split": decode_linear_choices(), "rows": [asdict(row) for row in rows]}
     with open(json_path, "w") as out:
         json.dump(report, out, indent=2)
     print(f"wrote {json_path}")

@@ -1,7 +1,7 @@
 """Chapter 5, generating text (section 5.3): sample from a saved model, streaming to the terminal.
 
     scratchgpt-generate runs/pretrain-default --prompt "The for statement" --max_new_tokens 80 \\
-        --temperature 0.8 --top_k 40 --top_p 0.95
+        --temperature 0.8 --top_k 40 --top_p 0.95 [--dtype bfloat16]
     python -m hf_scratchgpt.generate FOLDER_OR_HUB_ID ...
 
 Temperature 0 is greedy decoding; otherwise tokens are sampled after temperature scaling, top-k and top-p
@@ -15,6 +15,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
+from .app import sampling_kwargs
 from .hub import is_local_path
 
 
@@ -22,15 +23,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scratchgpt-generate", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved model folder or a Hub id")
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    parser.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
-    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="sample among the likeliest tokens of mass p")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    add_sampling_arguments(parser)
     parser.add_argument("--trust_remote_code", action="store_true", help="load a folder's own code")
     args = parser.parse_args(argv)
     if not args.prompt:
         parser.error("--prompt is empty: give the text to continue")
+    check_sampling_arguments(parser, args)
+    return args
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 50) -> None:
+    """The flags of sampling, and the weights' dtype, shared by `scratchgpt-generate` and `scratchgpt-chat`."""
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
+    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="sample among the likeliest tokens of mass p")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="the weights' dtype: bfloat16 halves the bytes a decoding step reads (auto: as saved)",
+    )
+
+
+def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A bad sampling flag is a one-line usage error (exit status 2)."""
     if args.max_new_tokens <= 0:
         parser.error(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -39,7 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         parser.error(f"--top_k must be >= 0, got {args.top_k}")
-    return args
+
+
+def check_model_folder(prog: str, name: str) -> None:
+    """Exit with one line when a local `name` is not a folder holding a model (a config.json)."""
+    if not is_local_path(name):
+        return  # a Hub id
+    folder = os.path.expanduser(name)
+    if not os.path.isdir(folder):
+        sys.exit(f"{prog}: error: no model folder {name}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        sys.exit(f"{prog}: error: {name} holds no model (no config.json)")
 
 
 def main(argv=None) -> None:
@@ -53,11 +81,12 @@ def generate_text(argv=None) -> str:
     args = parse_args(argv)
     import hf_scratchgpt  # noqa: F401  registers ScratchGPT with the Auto classes
 
-    if is_local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
-        sys.exit(f"scratchgpt-generate: error: no model folder {args.model}")
+    check_model_folder("scratchgpt-generate", args.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        ).eval()
     except OSError as err:
         sys.exit(f"scratchgpt-generate: error: cannot load {args.model}: {str(err).splitlines()[0]}")
     if args.seed is not None:
@@ -67,14 +96,13 @@ def generate_text(argv=None) -> str:
     if room <= 0:
         sys.exit(f"scratchgpt-generate: error: the prompt has {ids.shape[1]} tokens, the model's context holds "
                  f"{model.config.max_position_embeddings}")
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=min(args.max_new_tokens, room),
         streamer=TextStreamer(tokenizer),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        **(sampling if args.temperature > 0 else dict(do_sample=False)),
+        **sampling_kwargs(args.temperature, args.top_k, args.top_p),
     )
     return tokenizer.decode(out[0])
 

@@ -290,7 +290,7 @@ class ScratchGPTModel(ScratchGPTPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.tok_emb(input_ids)  # (B, T, C)
         if use_cache and cache is None:
-            cache = KVCache()
+            cache = KVCache(self.config.context_length)
 
         if position_ids is None:
             past_len = cache.get_seq_length() if cache is not None else 0  # a tensor in a StaticCache
@@ -367,7 +367,7 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("cache")
         if users_cache is None and type(cache) is DynamicCache and not cache.offloading:
-            model_kwargs["cache"] = KVCache()
+            model_kwargs["cache"] = KVCache(self.config.context_length)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

@@ -12,7 +12,7 @@ A recipe is only its own steps between a common start and a common ending:
   work: paths that must exist, the output folder, the checkpoint to resume from. Then it seeds, as the book does
   before building a model.
 - `finish_recipe` is the common ending: train (resumable) -> save -> log and save metrics -> evaluate (and test)
-  -> save state -> model card -> push to the Hub.
+  -> save state -> model card (with `--space_app`, app.py and a Space's settings) -> push to the Hub.
 - `run_recipe(main)` runs a recipe's `main`: bad input becomes one line on stderr and exit status 2.
 
 YAML files come in sections (`model:`, `data:`, `training:`), which are flattened; an unknown key or flag is an
@@ -44,6 +44,11 @@ class RecipeArguments:
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write over a model in output_dir."})
     tensorboard: bool = field(default=True, metadata={"help": "Log to TensorBoard when it is installed."})
+    space_app: bool = field(
+        default=False,
+        metadata={"help": "Also make output_dir a Hugging Face Space: app.py (the model's Gradio page), "
+                          "requirements.txt and the Space's settings in the model card; --push_to_hub uploads them."},
+    )
 
 
 @dataclass
@@ -99,6 +104,8 @@ def finish_recipe(
     the model card with the others. Returns the evaluation metrics, with `test_*` ones when a `test_dataset` is
     given.
     """
+    if run.common.space_app:
+        trainer.card["space_app"] = True  # wherever the card is written: here, and again by push_to_hub
     train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
     if before_save is not None:
         before_save(trainer)

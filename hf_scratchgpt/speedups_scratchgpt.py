@@ -3,7 +3,7 @@ chunked training loss.
 
 None of it changes what the model computes; each piece changes how fast, or in how much memory:
 
-- `DecodeLinear`: `nn.Linear`, with the matrix-vector products of decoding spread over all CPU cores;
+- `DecodeLinear`: `nn.Linear`, with the matrix-vector products of decoding run the way measured fastest on the CPU;
 - `KVCache` / `KVCacheLayer`: the book's KV cache as a transformers `Cache` that appends in place, instead of
   copying all earlier keys and values at every generated token;
 - `ChunkedLinearCrossEntropy` / `chunked_causal_lm_loss`: the training loss without the (tokens x vocabulary)
@@ -15,6 +15,9 @@ None of it changes what the model computes; each piece changes how fast, or in h
 only torch and transformers.
 """
 
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,14 +25,19 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
 class DecodeLinear(nn.Linear):
-    """`nn.Linear`, with the matrix-vector products of decoding spread over the CPU's cores.
+    """`nn.Linear`, with the matrix-vector products of decoding run the faster of two ways on this machine.
 
-    Generating a token multiplies each weight matrix by one vector per sequence. On a CPU that product is bound by
-    memory bandwidth, and MKL runs it on a single core. For large matrices and a few rows, this splits the output
-    features into one block per thread and multiplies the blocks with one `bmm`, which runs them on all cores
-    (about 2x faster for GPT-2's output head on 2 cores). Training, GPUs, `torch.compile` and small matrices
-    take `F.linear`.
+    Generating a token multiplies each weight matrix by one vector per sequence: a product bound by reading the
+    weights. Some BLAS libraries run it on one core (MKL on AMD CPUs), others on all (MKL on Intel). The second
+    way splits the output features into one block per thread and multiplies the blocks with one `bmm`, which
+    runs them on all cores (about 2x faster for GPT-2's output head on 2 AMD cores, slower on Intel). Which wins
+    depends on the CPU, so it is measured: the first product of each shape times both ways, and the process keeps
+    the answer (as cuDNN's benchmark mode does), in `DecodeLinear.split_is_faster`. Training, GPUs,
+    `torch.compile`, single threads and small matrices take `F.linear`.
     """
+
+    # (rows, out_features, in_features, dtype, threads) -> whether the split `bmm` measured faster, for the process
+    split_is_faster: dict[tuple, bool] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -43,6 +51,16 @@ class DecodeLinear(nn.Linear):
         ):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)  # (rows, in)
+        shape = (rows, self.out_features, self.in_features, self.weight.dtype, parts)
+        if shape not in self.split_is_faster:
+            self.split_is_faster[shape] = self._measure_split(flat, parts)
+        if not self.split_is_faster[shape]:
+            return F.linear(x, self.weight, self.bias)
+        return self._split_linear(flat, parts).view(*x.shape[:-1], self.out_features)
+
+    def _split_linear(self, flat: torch.Tensor, parts: int) -> torch.Tensor:
+        """`F.linear(flat, weight, bias)` as one `bmm` over `parts` blocks of output features."""
+        rows = flat.shape[0]
         split = self.out_features - self.out_features % parts  # GPT-2's 50,257 outputs: 2 x 25,128 and 1 more
         blocks = self.weight[:split].view(parts, split // parts, self.in_features)  # (p, out/p, in)
         out = torch.bmm(blocks, flat.T.expand(parts, -1, -1)).permute(2, 0, 1).reshape(rows, split)  # (rows, out)
@@ -50,8 +68,22 @@ class DecodeLinear(nn.Linear):
             out = torch.cat([out, F.linear(flat, self.weight[split:])], dim=-1)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out
 
+    def _measure_split(self, flat: torch.Tensor, parts: int, runs: int = 5) -> bool:
+        """Whether the split `bmm` beats `F.linear` on `flat` here by 10% or more: the best of `runs` timings each,
+        taken in turn (the first of each warms it up). A few milliseconds, once per shape and process."""
+        ways = {
+            "plain": lambda: F.linear(flat, self.weight, self.bias),
+            "split": lambda: self._split_linear(flat, parts),
+        }
+        best = dict.fromkeys(ways, float("inf"))
+        for _ in range(runs):
+            for name, way in ways.items():
+                start = time.perf_counter()
+                way()
+                best[name] = min(best[name], time.perf_counter() - start)
+        return best["split"] < 0.9 * best["plain"]
 
 
 class KVCacheLayer(DynamicLayer):
@@ -59,9 +91,15 @@ class KVCacheLayer(DynamicLayer):
 
     transformers' `DynamicLayer` concatenates each new token's keys and values to all the earlier ones, so every
     decoding step copies the whole cache. This layer writes them into storage that doubles when full, so a step
-    copies only what is new; `keys` and `values` are views of the filled part. Under autograd it concatenates like
-    its parent (a later in-place write would invalidate the views a backward pass still needs).
+    copies only what is new; `keys` and `values` are views of the filled part. The first storage holds the prompt
+    exactly, and none outgrows `max_len` positions (the model's context) unless the tokens do: never more than
+    `DynamicLayer` holds, but for the room to grow. Under autograd it concatenates like its
+    parent (a later in-place write would invalidate the views a backward pass still needs).
     """
+
+    def __init__(self, max_len: int | None = None):
+        super().__init__()
+        self.max_len = max_len
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -75,8 +113,10 @@ class KVCacheLayer(DynamicLayer):
         past = self.get_seq_length()
         total = past + key_states.shape[-2]
         if not self._store_holds(key_states, total):  # first call, full, or keys replaced (beam search reorders)
-            self.key_store = self._grow(self.keys, key_states, past, 2 * total)
-            self.value_store = self._grow(self.values, value_states, past, 2 * total)
+            capacity = total if not past else 2 * total  # a prompt: its own size, as `DynamicLayer` holds it
+            capacity = capacity if self.max_len is None else max(total, min(capacity, self.max_len))
+            self.key_store = self._grow(self.keys, key_states, past, capacity)
+            self.value_store = self._grow(self.values, value_states, past, capacity)
         self.key_store.narrow(-2, past, total - past).copy_(key_states)
         self.value_store.narrow(-2, past, total - past).copy_(value_states)
         self.keys, self.values = self.key_store.narrow(-2, 0, total), self.value_store.narrow(-2, 0, total)
@@ -103,10 +143,11 @@ class KVCacheLayer(DynamicLayer):
 
 
 class KVCache(DynamicCache):
-    """A `DynamicCache` of `KVCacheLayer`s: what ScratchGPT decodes with, in `generate()` and in a plain forward."""
+    """A `DynamicCache` of `KVCacheLayer`s: what ScratchGPT decodes with, in `generate()` and in a plain forward.
+    `max_len`, the model's context, bounds each layer's storage."""
 
-    def __init__(self):
-        Cache.__init__(self, layer_class_to_replicate=KVCacheLayer)
+    def __init__(self, max_len: int | None = None):
+        Cache.__init__(self, layer_class_to_replicate=functools.partial(KVCacheLayer, max_len))
 
 
 
@@ -117,18 +158,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     the gradients of `hidden` and `weight` right away, so backward only scales them. The matmuls are the plain
     path's (one forward, two for the gradients); the memory is one (chunk_size, vocab) buffer instead of several
     (B * T, vocab) ones: logits, log-softmax, and their gradients.
+
+    The matmuls run in autocast's dtype when it is on (bfloat16 under `--bf16`), else in the weight's, like the
+    plain path's; the softmax in float32. The weight's gradient is summed over the chunks in float32.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):  # hidden (N, C), weight (V, C), labels (N,)
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        hidden_in, weight_in = hidden.to(dtype), weight.to(dtype)  # autocast skips `out=` and in-place matmuls
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_size):
-            h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
+            h, y = hidden_in[start : start + chunk_size], labels[start : start + chunk_size]
             valid = (y != -100).unsqueeze(1)  # (n, 1)
             target = y.clamp(min=0).unsqueeze(1)  # (n, 1), ignored rows point at token 0 and are masked
-            logits = (h @ weight.T).float()  # (n, V)
+            logits = (h @ weight_in.T).float()  # (n, V)
             target_logits = logits.gather(1, target)  # (n, 1)
             row_max = logits.amax(dim=-1, keepdim=True)
             exps = logits.sub_(row_max).exp_()  # in place: one (n, V) buffer all along
@@ -137,11 +184,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is None and grad_weight is None:
                 continue
             # d loss / d logits = softmax - one-hot, and 0 on ignored rows: scale by valid / sum, subtract valid.
-            grad_logits = exps.mul_(valid / sum_exps).scatter_add_(1, target, -valid.float()).to(hidden.dtype)
+            grad_logits = exps.mul_(valid / sum_exps).scatter_add_(1, target, -valid.float()).to(dtype)
             if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
-            if grad_weight is not None:
+                grad_hidden[start : start + chunk_size] = grad_logits @ weight_in
+            if grad_weight is not None and dtype == torch.float32:
                 grad_weight.addmm_(grad_logits.T, h)
+            elif grad_weight is not None:
+                grad_weight += grad_logits.T @ h  # a bfloat16 product, summed in float32
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .app import write_space_app
+
 
 class SampleGenerationCallback(TrainerCallback):
     """Print a greedy continuation of `prompt` after each evaluation (the book's `generate_and_print_sample`).
@@ -134,8 +136,13 @@ def write_model_card(
     description: str = "",
     base_model: str | None = None,
     pipeline_tag: str = "text-generation",
+    space_app: bool = False,
 ) -> Path:
-    """Write `output_dir/README.md`: the Hub's YAML metadata, how to load the model, its setup and final metrics."""
+    """Write `output_dir/README.md`: the Hub's YAML metadata, how to load the model, its setup and final metrics.
+
+    With `space_app`, the folder is also a Hugging Face Space (`hf_scratchgpt.app.write_space_app`): `app.py`, its
+    requirements, the Space's settings in the card's metadata and a section on trying the model.
+    """
     config = model.config
     metadata = {
         "library_name": "transformers",
@@ -179,6 +186,7 @@ def write_model_card(
         f'tokenizer = AutoTokenizer.from_pretrained("{args.hub_model_id or output_dir}")',
         "```",
         "",
+        *(_space_section() if space_app else []),
         "## Training setup",
         "",
         "| setting | value |",
@@ -195,7 +203,19 @@ def write_model_card(
     path = Path(output_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+    if space_app:
+        write_space_app(output_dir)
     return path
+
+
+def _space_section() -> list[str]:
+    return [
+        "## Try it",
+        "",
+        "`app.py` is the model's web page (Gradio): `pip install -r requirements.txt && python app.py` in this folder. "
+        "The folder is also a Hugging Face Space: `hf upload YOU/NAME . --repo-type space` runs the page there.",
+        "",
+    ]
 
 
 def _yaml_lines(metadata: dict) -> list[str]:

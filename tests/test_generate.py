@@ -2,9 +2,11 @@
 
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
 from hf_scratchgpt.data import default_corpus
@@ -31,6 +33,24 @@ def test_greedy_generation_streams_the_models_greedy_tokens(saved_model, capsys)
     expected = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert text == tokenizer.decode(expected[0])
     assert capsys.readouterr().out.strip() == text.strip()  # streamed to the terminal as it came
+
+
+def test_bfloat16_weights_generate_the_bfloat16_models_tokens(saved_model, capsys):
+    folder, tokenizer = saved_model
+    flags = ["--prompt", "The for statement", "--max_new_tokens", "8", "--temperature", "0", "--dtype", "bfloat16"]
+    loaded = []
+    load = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+
+    with mock.patch.object(AutoModelForCausalLM, "from_pretrained", spy):
+        text = generate_text([str(folder), *flags])
+    assert {param.dtype for param in loaded[0].parameters()} == {torch.bfloat16}
+    model = ScratchGPTForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids = tokenizer("The for statement", return_tensors="pt").input_ids
+    assert text == tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(saved_model, capsys):
@@ -61,6 +81,11 @@ def test_bad_flags_are_one_line_errors(saved_model, capsys, flags, message):
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(SystemExit, match=f"no model folder {tmp_path / 'nope'}"):
         generate_text([str(tmp_path / "nope")])
+
+
+def test_a_folder_without_a_model_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=f"{tmp_path} holds no model \\(no config.json\\)"):
+        generate_text([str(tmp_path)])
 
 
 @pytest.mark.slow

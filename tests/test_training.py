@@ -84,3 +84,27 @@ def test_trainer_decays_matrices_but_not_biases_or_layer_norms(tokenizer, tmp_pa
     names = {name for name, _ in model.named_parameters()}
     assert {n for n in names if "norm" in n or n.endswith("bias")}.isdisjoint(decayed)
     assert "model.trf_blocks.0.att.qkv.weight" in decayed and "model.tok_emb.weight" in decayed
+
+
+@pytest.mark.slow
+def test_bf16_training_on_cpu_runs_in_bfloat16_with_float32_weights_and_the_float32_loss(tokenizer, tmp_path):
+    """`--bf16` on a CPU: Trainer's autocast runs the matmuls in bfloat16, chunked loss included, and the weights
+    stay float32; the losses follow float32 training's."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(tokenizer), (8, 32)).tolist()
+    windows = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    losses, matmul_dtypes = {}, set()
+    for bf16 in (False, True):
+        model = tiny_model(tokenizer, loss_chunk_size=16)
+        hook = model.model.trf_blocks[0].ff.fc1.register_forward_hook(lambda m, i, out: matmul_dtypes.add(out.dtype))
+        args = TrainingArguments(output_dir=str(tmp_path / str(bf16)), max_steps=8, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, use_cpu=True, bf16=bf16, report_to="none", logging_steps=1,
+                                 save_strategy="no", disable_tqdm=True)
+        trainer = ScratchGPTTrainer(model=model, args=args, train_dataset=windows)
+        trainer.train()
+        hook.remove()
+        losses[bf16] = torch.tensor([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+        assert all(param.dtype == torch.float32 for param in model.parameters())
+    assert matmul_dtypes == {torch.float32, torch.bfloat16}
+    assert len(losses[True]) == 8 and losses[True][-1] < losses[True][0]
+    torch.testing.assert_close(losses[True], losses[False], rtol=0.02, atol=0)
