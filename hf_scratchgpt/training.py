@@ -3,8 +3,8 @@
 - `SampleGenerationCallback`: the book's `generate_and_print_sample`, a greedy continuation of a fixed prompt at
   each evaluation, to watch the model learn.
 - `LossPlotCallback`: the book's loss plot, training and validation loss against tokens seen, as a PNG.
-- `ScratchGPTTrainer`: `Trainer` that logs perplexity next to the validation loss of a language model and
-  writes this project's model card (Hub metadata, training setup, final metrics) when the run is saved or pushed.
+- `ScratchGPTTrainer`: `Trainer` that logs perplexity next to the validation loss of a language model (a loss
+  evaluated without the logits, chunk by chunk as in training) and writes this project's model card (Hub metadata, training setup, final metrics) when the run is saved or pushed.
 """
 
 import json
@@ -16,6 +16,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .app import write_space_app
+from .modeling_scratchgpt import ScratchGPTForCausalLM
+from .speedups_scratchgpt import chunked_causal_lm_loss
 
 
 class SampleGenerationCallback(TrainerCallback):
@@ -113,6 +115,24 @@ class ScratchGPTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.card = card or {}
         self.log_perplexity = log_perplexity
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Loss-only evaluation of a ScratchGPT language model takes the chunked loss of training, so it never holds
+        the (batch, tokens, vocabulary) logits: 412 MB at 16 x 128 tokens and GPT-2's vocabulary."""
+        lm = self.accelerator.unwrap_model(model)
+        if not (
+            prediction_loss_only
+            and isinstance(lm, ScratchGPTForCausalLM)
+            and lm.config.loss_chunk_size > 0
+            and inputs.get("labels") is not None
+        ):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            hidden_states = lm.model(**model_inputs, use_cache=False).last_hidden_state
+            loss = chunked_causal_lm_loss(hidden_states, lm.lm_head.weight, inputs["labels"], lm.config.loss_chunk_size)
+        return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.log_perplexity and "eval_loss" in logs:

@@ -1,6 +1,7 @@
 """Tests of hf_scratchgpt/training.py: the sample text, the loss plot, perplexity in the logs, the model card."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -108,3 +109,18 @@ def test_bf16_training_on_cpu_runs_in_bfloat16_with_float32_weights_and_the_floa
     assert matmul_dtypes == {torch.float32, torch.bfloat16}
     assert len(losses[True]) == 8 and losses[True][-1] < losses[True][0]
     torch.testing.assert_close(losses[True], losses[False], rtol=0.02, atol=0)
+
+
+def test_loss_only_evaluation_is_the_plain_loss_without_the_logits(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(tokenizer), (6, 32))
+    windows = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    model = tiny_model(tokenizer, loss_chunk_size=16)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=6, use_cpu=True, report_to="none",
+                             disable_tqdm=True)  # no compute_metrics: Trainer evaluates the loss only
+    with mock.patch.object(model.lm_head, "forward", wraps=model.lm_head.forward) as head:
+        loss = ScratchGPTTrainer(model=model, args=args, eval_dataset=windows).evaluate()["eval_loss"]
+    assert head.call_count == 0  # the chunked loss reads the head's weight, it makes no logits
+    with torch.no_grad():
+        expected = model.eval()(ids, labels=ids).loss.item()  # the plain path: all the logits
+    assert loss == pytest.approx(expected, rel=1e-5)
