@@ -18,8 +18,8 @@ language reference (`default_corpus()`, paragraphs drawn at random). Then, each 
 memory is the main process' peak resident size until then (`VmHWM`; the model is built by then), and that of the
 largest tokenizing worker (`RUSAGE_CHILDREN`). "training step" is the peak resident size from there (VmHWM reset
 through `/proc/self/clear_refs`) to the end of the training step: model, AdamW state, one batch of 16 x 128
-tokens; "whole run" adds the final evaluation (16 windows in one batch, whose full 16 x 128 x 50,257 logits the
-model makes in evaluation mode) and the save. Resident size counts the pages of the memory-mapped token ids that
+tokens; "whole run" adds the final evaluation (16 windows in one batch, a loss-only evaluation: no logits) and
+the save. Resident size counts the pages of the memory-mapped token ids that
 were read, which the operating system can drop and shares between processes.
 """
 
