@@ -128,9 +128,9 @@ class ScratchGPTTrainer(Trainer):
         ):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        model_inputs = {"use_cache": False, **{key: value for key, value in inputs.items() if key != "labels"}}
         with torch.no_grad(), self.autocast_smart_context_manager():
-            hidden_states = lm.model(**model_inputs, use_cache=False).last_hidden_state
+            hidden_states = lm.model(**model_inputs).last_hidden_state
             loss = chunked_causal_lm_loss(hidden_states, lm.lm_head.weight, inputs["labels"], lm.config.loss_chunk_size)
         return loss.detach(), None, None
 
