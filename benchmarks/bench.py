@@ -579,7 +579,8 @@ def generate_memory_child(which: str, shape: str, settings: Settings) -> int:
     gc.collect()
     resting = 1024 * _rss_kib("VmRSS")
     _reset_peak_rss()
-    model.generate(**random_prompt(1, DECODE_CONTEXTS[1], settings), **generation_config(settings.decode_new), **cache())
+    prompt = random_prompt(1, DECODE_CONTEXTS[1], settings)
+    model.generate(**prompt, **generation_config(settings.decode_new), **cache())
     return 1024 * _rss_kib("VmHWM") - resting
 
 
@@ -743,7 +744,9 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
         print("DecodeLinear, measured at first use (rows x out x in, dtype: way):",
               "; ".join(f"{key}: {way}" for key, way in choices.items()))
     same = [row.samples.get("same_tokens") for row in rows if "same_tokens" in row.samples]
-    losses = [row.samples["first_loss"] for row in rows if "first_loss" in row.samples]
+    # the first training run of each shape: later ones start from weights that bf16 training moved apart
+    losses = [row.samples["first_loss"] for row in rows
+              if "first_loss" in row.samples and row.attn == settings.attns[0]]
     if losses:
         gap = max(abs(loss["scratchgpt"] - loss["gpt2"]) for loss in losses)
         print(f"checks: first training losses differ by at most {gap:.2e}; {100 * statistics.mean(same):.0f}% of the"

@@ -4,7 +4,8 @@
   each evaluation, to watch the model learn.
 - `LossPlotCallback`: the book's loss plot, training and validation loss against tokens seen, as a PNG.
 - `ScratchGPTTrainer`: `Trainer` that logs perplexity next to the validation loss of a language model (a loss
-  evaluated without the logits, chunk by chunk as in training) and writes this project's model card (Hub metadata, training setup, final metrics) when the run is saved or pushed.
+  evaluated without the logits, chunk by chunk as in training) and writes this project's model card (Hub
+  metadata, training setup, final metrics) when the run is saved or pushed.
 """
 
 import json

@@ -156,7 +156,9 @@ def test_kv_cache_never_holds_more_than_the_context():
     for layer in cache.layers:  # 50 prompt tokens, then 51 would have made a store of 102 positions
         assert layer.keys.shape[-2] == 63 and layer.key_store.shape[-2] == 64
     seen = []
-    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["cache"]), with_kwargs=True)
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["cache"]), with_kwargs=True
+    )
     try:
         model.generate(torch.randint(1, 1000, (1, 40)), max_new_tokens=2, do_sample=False)
     finally:
