@@ -339,6 +339,20 @@ def read_records(record_dir: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(record_dir.glob("rank-*.json"))]
 
 
+def run_two_processes(tmp_path: Path, flags: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """The recipe with `flags` in two processes under torchrun, one thread each; what each recorded."""
+    records = tmp_path / "records"
+    records.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(RECORD_WINDOWS), str(records), *flags],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, read_records(records)
+
+
 @pytest.mark.slow
 def test_two_processes_train_on_disjoint_windows_that_cover_the_epoch(corpus_file, shared_data, tmp_path):
     # A corpus whose training windows fill whole steps of 2 processes x 4 windows: no window is repeated to pad.
@@ -348,18 +362,10 @@ def test_two_processes_train_on_disjoint_windows_that_cover_the_epoch(corpus_fil
         text = text[:-50]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text)
-    out, records = tmp_path / "ddp", tmp_path / "records"
-    records.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "ddp"
     flags = tiny_args(corpus, out, "--tokenizer", str(shared_data / "gpt2"), "--max_steps", "-1", "--num_train_epochs",
                       "1", "--eval_strategy", "no", "--save_strategy", "no")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(RECORD_WINDOWS), str(records), *flags],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    first, second = read_records(records)
+    result, (first, second) = run_two_processes(tmp_path, flags)
     assert (first["rank"], second["rank"]) == (0, 1)
     assert not {tuple(w) for w in first["windows"]} & {tuple(w) for w in second["windows"]}
     expected = first_windows_of_the_run(out, corpus, 32, len(first["windows"]) + len(second["windows"]))
@@ -369,18 +375,10 @@ def test_two_processes_train_on_disjoint_windows_that_cover_the_epoch(corpus_fil
 
 @pytest.mark.slow
 def test_two_processes_stream_their_own_share(corpus_file, tmp_path):
-    out, records = tmp_path / "stream", tmp_path / "records"
-    records.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "stream"
     flags = tiny_args(corpus_file, out, "--streaming", "true", "--max_steps", "3", "--eval_strategy", "no",
                       "--max_eval_samples", "4", "--save_strategy", "no")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(RECORD_WINDOWS), str(records), *flags],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    first, second = read_records(records)
+    _, (first, second) = run_two_processes(tmp_path, flags)
     assert len(first["windows"]) == len(second["windows"]) == 3 * 4
     # Together, the first 24 windows of the stream, each once: accelerate sends each process its own batches.
     assert sorted(first["windows"] + second["windows"]) == sorted(first_windows_of_the_run(out, corpus_file, 32, 24))
