@@ -80,7 +80,7 @@ class Settings:
     gen_batches: tuple[int, ...] = (1, 8)
     gen_prompt: int = 32  # prompt tokens of the generation measurement
     gen_new: int = 32  # new tokens per generate() call
-    decode_rounds: int = 3
+    decode_rounds: int = 5
     decode_new: int = 24  # new tokens after the long prompt: 1,000 + 24 fits a context of 1,024
     matmul_n: int = 2048  # side of the square matmul that measures the machine's peak
     matmul_reps: int = 3  # matmuls per timed matmul run
@@ -358,11 +358,14 @@ def decode_step_run(model, prompt: dict, settings: Settings) -> Callable[[], flo
 
 
 def measure_decode(pair, shape: str, attn: str, settings: Settings) -> list[Row]:
-    """Seconds per decode step after 100 and after 1,000 tokens of prompt, and their ratio, for both models."""
+    """Seconds per decode step after 100 and after 1,000 tokens of prompt, and their ratio, for both models; the
+    step at 100 against the weight-read limit, the read bandwidth measured in turn with the decode runs."""
     per_step = {}
     for context in DECODE_CONTEXTS:
         prompt = random_prompt(1, context, settings)
         runs = {name: decode_step_run(pair[name], prompt, settings) for name in MODELS}
+        if context == DECODE_CONTEXTS[0]:
+            runs["read"], read_bytes = read_run(settings)
         per_step[context] = alternate(runs, settings.decode_rounds, warmup=1)
     ms = {context: {name: 1e3 * median(per_step[context][name]) for name in MODELS} for context in DECODE_CONTEXTS}
     short, long = DECODE_CONTEXTS
@@ -374,18 +377,24 @@ def measure_decode(pair, shape: str, attn: str, settings: Settings) -> list[Row]
     growth = {name: ms[long][name] / ms[short][name] for name in MODELS}
     rows.append(Row(shape, attn, f"decode growth {long}/{short} context", "x", growth["scratchgpt"], growth["gpt2"],
                     growth["scratchgpt"] / growth["gpt2"]))
+    bandwidth = read_bytes / median(per_step[short]["read"])
+    weight_bytes = decode_weight_bytes(pair["scratchgpt"])
+    limit_ms = 1e3 * weight_bytes / bandwidth
+    rows.append(Row(shape, attn, "decode step / weight-read limit", "x", ms[short]["scratchgpt"] / limit_ms,
+                    ms[short]["gpt2"] / limit_ms, ms[short]["scratchgpt"] / ms[short]["gpt2"],
+                    samples={"limit_ms": limit_ms, "read_gb_s": bandwidth / 1e9, "weight_mb": weight_bytes / 1e6}))
     return rows
 
 
 # --- 4b. a decode step against the time to read the weights ----------------------------------------------------
 
 
-def read_bandwidth(settings: Settings, mib: int = 256, runs: int = 5) -> float:
-    """Bytes/s the machine reads: the best of `runs` `torch.sum`s over `mib` MiB (all threads), as a batch-1 decode
-    step reads its weights."""
+def read_run(settings: Settings, mib: int = 256, reads: int = 5) -> tuple[Callable[[], float], int]:
+    """A run that returns the best of `reads` `torch.sum`s over `mib` MiB (all threads), and the bytes each reads:
+    how fast the machine reads memory, as a batch-1 decode step reads its weights."""
     data = torch.ones(mib * 2**20 // 4, device=settings.device)
-    run = timed(lambda: data.sum(), settings.device)
-    return data.numel() * 4 / min(run() for _ in range(runs + 1))
+    read = timed(lambda: data.sum(), settings.device)
+    return (lambda: min(read() for _ in range(reads))), data.numel() * 4
 
 
 def decode_weight_bytes(model: ScratchGPTForCausalLM) -> int:
@@ -393,19 +402,6 @@ def decode_weight_bytes(model: ScratchGPTForCausalLM) -> int:
     embeddings it reads one row each, nothing)."""
     body = [model.model.trf_blocks, model.model.final_norm, model.lm_head]
     return sum(param.numel() * param.element_size() for part in body for param in part.parameters())
-
-
-def measure_decode_limit(decode_rows: list[Row], model: ScratchGPTForCausalLM, settings: Settings) -> list[Row]:
-    """Each decode step at 100 tokens of context as a multiple of the weight-reading limit measured now."""
-    bandwidth = read_bandwidth(settings)
-    limit_ms = 1e3 * decode_weight_bytes(model) / bandwidth
-    rows = []
-    for row in decode_rows:
-        if row.measure == f"decode ms/token, {DECODE_CONTEXTS[0]} context":
-            rows.append(Row(row.shape, row.attn, "decode step / weight-read limit", "x", row.scratchgpt / limit_ms,
-                            row.gpt2 / limit_ms, row.ratio, samples={"limit_ms": limit_ms, "read_gb_s": bandwidth / 1e9,
-                                                                     "weight_mb": decode_weight_bytes(model) / 1e6}))
-    return rows
 
 
 # --- 6. bfloat16 against float32 --------------------------------------------------------------------------------
@@ -837,7 +833,7 @@ def main(argv=None) -> None:
         for attn in settings.attns:
             set_attn(pair, attn)
             decode = measure_decode(pair, shape, attn, settings)
-            rows += decode + measure_decode_limit(decode, pair["scratchgpt"], settings)
+            rows += decode
             if settings.bf16:
                 rows += measure_bf16_decode(pair, shape, attn, decode, settings)
         del pair
