@@ -16,7 +16,6 @@ ScratchGPT, it needs no hf_scratchgpt there, and the model loads with `trust_rem
   fonts from the internet: the page fetches nothing but from its own server).
 """
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -154,8 +153,10 @@ def label_scores(model, tokenizer, text: str) -> dict[str, float]:
 # The web page
 
 
-def build_page(folder: str | os.PathLike, *, trust_remote_code: bool = True, model=None, tokenizer=None):
-    """The Gradio page of the model saved in `folder` (or of `model` and `tokenizer`, already loaded)."""
+def build_page(folder: str | os.PathLike, *, trust_remote_code: bool = True, model=None, tokenizer=None,
+               sampling: dict | None = None):
+    """The Gradio page of the model saved in `folder` (or of `model` and `tokenizer`, already loaded); `sampling`
+    (temperature, top_k, top_p, max_new_tokens) sets the controls' starting values, else `DEFAULT_SAMPLING`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
     import gradio as gr
 
@@ -175,6 +176,7 @@ def build_page(folder: str | os.PathLike, *, trust_remote_code: bool = True, mod
         )
 
     context = context_length(model.config)
+    start = {**DEFAULT_SAMPLING, **(sampling or {})}
 
     def respond(message: str, history: list[dict], temperature, top_k, top_p, max_new_tokens):
         messages = [{"role": turn["role"], "content": _text(turn["content"])} for turn in history]
@@ -196,10 +198,10 @@ def build_page(folder: str | os.PathLike, *, trust_remote_code: bool = True, mod
         chatbot=gr.Chatbot(label="Chat", height=420),
         textbox=gr.Textbox(placeholder="Type a message and press Enter", label="Message", scale=7),
         additional_inputs=[
-            gr.Slider(0, 2, value=DEFAULT_SAMPLING["temperature"], step=0.05, label="Temperature (0: greedy)"),
-            gr.Slider(0, 200, value=DEFAULT_SAMPLING["top_k"], step=1, label="Top-k (0: all tokens)"),
-            gr.Slider(0.05, 1, value=DEFAULT_SAMPLING["top_p"], step=0.05, label="Top-p"),
-            gr.Slider(1, context, value=min(DEFAULT_SAMPLING["max_new_tokens"], context // 2), step=1,
+            gr.Slider(0, 2, value=start["temperature"], step=0.05, label="Temperature (0: greedy)"),
+            gr.Slider(0, 200, value=start["top_k"], step=1, label="Top-k (0: all tokens)"),
+            gr.Slider(0.05, 1, value=start["top_p"], step=0.05, label="Top-p"),
+            gr.Slider(1, context, value=min(start["max_new_tokens"], context // 2), step=1,
                       label="Max new tokens"),
         ],
         additional_inputs_accordion="Sampling",
@@ -242,7 +244,9 @@ def write_space_app(folder: str | os.PathLike) -> Path:
     (folder / "requirements.txt").write_text("\n".join(SPACE_REQUIREMENTS) + "\n")
     readme = folder / "README.md"
     text = readme.read_text() if readme.is_file() else ""
-    header = {"sdk": "gradio", "sdk_version": importlib.metadata.version("gradio"), "app_file": "app.py"}
+    gradio_pin = next(requirement for requirement in SPACE_REQUIREMENTS if requirement.startswith("gradio"))
+    sdk_version = gradio_pin.split(">=")[1].split(",")[0] + ".0"  # the version the page was tested with
+    header = {"sdk": "gradio", "sdk_version": sdk_version, "app_file": "app.py"}
     lines = [f"{key}: {json.dumps(value)}" for key, value in header.items()]
     if text.startswith("---\n"):
         end = text.index("\n---", 4)

@@ -30,7 +30,8 @@ from .app import (
     sampling_kwargs,
     stream_reply,
 )
-from .generate import add_sampling_arguments, check_model_folder, check_sampling_arguments
+from .generate import add_sampling_arguments, check_sampling_arguments
+from .hub import check_model_folder
 
 
 PROG = "scratchgpt-chat"
@@ -77,7 +78,9 @@ def main(argv=None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if args.web:
-        page = build_page(args.model, model=model, tokenizer=tokenizer)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens)
+        page = build_page(args.model, model=model, tokenizer=tokenizer, sampling=sampling)
         try:
             launch_page(page, server_name=args.host, server_port=args.port, share=args.share)
         except OSError as err:  # the port taken between our check and Gradio's start

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hub import is_local_path
+from .hub import check_model_folder
 from .metrics import load_metric
 
 
@@ -170,8 +170,7 @@ def main(argv=None) -> None:
         texts += [line for line in lines.splitlines() if line.strip()]
     if not texts:
         sys.exit(f"scratchgpt-classify: error: --file {args.file} holds no text")
-    if is_local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
-        sys.exit(f"scratchgpt-classify: error: no model folder {args.model}")
+    check_model_folder("scratchgpt-classify", args.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForSequenceClassification.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)

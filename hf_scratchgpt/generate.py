@@ -9,14 +9,13 @@ filtering, as the book's `generate` does (top-p is transformers' addition).
 """
 
 import argparse
-import os
 import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from .app import sampling_kwargs
-from .hub import is_local_path
+from .hub import check_model_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,17 +56,6 @@ def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         parser.error(f"--top_k must be >= 0, got {args.top_k}")
-
-
-def check_model_folder(prog: str, name: str) -> None:
-    """Exit with one line when a local `name` is not a folder holding a model (a config.json)."""
-    if not is_local_path(name):
-        return  # a Hub id
-    folder = os.path.expanduser(name)
-    if not os.path.isdir(folder):
-        sys.exit(f"{prog}: error: no model folder {name}")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        sys.exit(f"{prog}: error: {name} holds no model (no config.json)")
 
 
 def main(argv=None) -> None:

@@ -7,6 +7,7 @@ path is reported as a missing file, not sent to the Hub as an id.
 """
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -27,4 +28,16 @@ def check_local_path(flag: str, name: str | os.PathLike | None) -> None:
         raise FileNotFoundError(f"{flag} {name}: no such file or folder")
 
 
-__all__ = ["FILE_SUFFIXES", "check_local_path", "is_local_path"]
+def check_model_folder(prog: str, name: str) -> None:
+    """Exit with one line when a local `name` is not a folder holding a model (a config.json)."""
+    if not is_local_path(name):
+        return  # a Hub id
+    folder = os.path.expanduser(name)
+    if not os.path.isdir(folder):
+        sys.exit(f"{prog}: error: no model folder {name}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        sys.exit(f"{prog}: error: {name} holds no model (no config.json)")
+
+
+__all__ = ["FILE_SUFFIXES", "check_local_path", "check_model_folder", "is_local_path"]
+

@@ -51,9 +51,11 @@ class GenerateSpy:
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[list[int], list[int]]] = []  # (prompt ids, generated ids after it)
+        self.kwargs: list[dict] = []  # each call's keyword arguments
         generate = ScratchGPTForCausalLM.generate
 
         def spy(model, input_ids, *args, **kwargs):
+            self.kwargs.append(kwargs)
             out = generate(model, input_ids, *args, **kwargs)
             self.calls.append((input_ids[0].tolist(), out[0, input_ids.shape[1]:].tolist()))
             return out
@@ -191,6 +193,8 @@ def test_sampling_flags_reach_generate_and_a_seed_repeats_the_reply(chat_model, 
     assert replies[0] == replies[1]
     assert len(set(replies)) > 2
     assert all(len(generated) == 5 or generated[-1] == 50256 for _, generated in spy.calls)
+    sampling = {key: spy.kwargs[0][key] for key in ("do_sample", "temperature", "top_k", "top_p")}
+    assert sampling == {"do_sample": True, "temperature": 1.5, "top_k": 0, "top_p": 0.9}
 
 
 # ---------------------------------------------------------------------------------------------------------------
