@@ -126,6 +126,7 @@ class ScratchGPTTrainer(Trainer):
             and isinstance(lm, ScratchGPTForCausalLM)
             and lm.config.loss_chunk_size > 0
             and inputs.get("labels") is not None
+            and self.label_smoother is None  # Trainer's own path smooths the labels
         ):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)

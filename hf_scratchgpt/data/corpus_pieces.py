@@ -121,7 +121,7 @@ class CorpusPart:
         return (0, cut) if side == "train" else (cut, None)
 
     def _read_documents(self) -> Iterator[Iterator[str]]:
-        order = self._document_order()
+        order = self._document_order
         if isinstance(self.documents, tuple):
             for index in order if order is not None else range(len(self.documents)):
                 yield _read_file(self.documents[index])
@@ -135,7 +135,9 @@ class CorpusPart:
         for text in rows:
             yield iter([text])
 
+    @cached_property
     def _document_order(self) -> list[int] | None:
+        """The kept documents' indices, in split_corpus' order; worked out once per part, not on every pass."""
         if self.split is None or self.split[0] != "documents":
             return None
         _, fraction, seed, side = self.split
