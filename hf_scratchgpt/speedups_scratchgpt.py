@@ -3,7 +3,8 @@ chunked training loss.
 
 None of it changes what the model computes; each piece changes how fast, or in how much memory:
 
-- `DecodeLinear`: `nn.Linear`, with the matrix-vector products of decoding run the way measured fastest on the CPU;
+- `DecodeLinear`: `nn.Linear`, with the matrix-vector products of decoding run the way measured fastest on the CPU
+  (one of them ScratchGPT's own kernel, `decode_kernel_scratchgpt.py`);
 - `KVCache` / `KVCacheLayer`: the book's KV cache as a transformers `Cache` that appends in place, instead of
   copying all earlier keys and values at every generated token;
 - `ChunkedLinearCrossEntropy` / `chunked_causal_lm_loss`: the training loss without the (tokens x vocabulary)
@@ -11,34 +12,43 @@ None of it changes what the model computes; each piece changes how fast, or in h
 - `packed_sdpa_attention`: packed sequences attended one by one, each with SDPA's causal kernel, instead of the
   whole row under a block-diagonal mask (flash attention's variable-length kernels, for any device).
 
-`modeling_scratchgpt.py` imports this file, so `save_pretrained` copies it beside the model's code: it imports
-only torch and transformers.
+`modeling_scratchgpt.py` imports this file, so `save_pretrained` copies it (and the kernel's file) beside the model's
+code: it imports only torch, transformers and that sibling.
 """
 
 import functools
 import glob
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .decode_kernel_scratchgpt import decode_kernel
+
 
 class DecodeLinear(nn.Linear):
-    """`nn.Linear`, with the matrix-vector products of decoding run the faster of two ways on this machine.
+    """`nn.Linear`, with the matrix-vector products of decoding run the fastest way on this machine.
 
     Generating a token multiplies each weight matrix by one vector per sequence: a product bound by reading the
-    weights. Some BLAS libraries run it on one core (MKL on AMD CPUs), others on all (MKL on Intel). The second
-    way splits the output features into one block per thread and multiplies the blocks with one `bmm`, which
-    runs them on all cores (about 2x faster for GPT-2's output head on 2 AMD cores, slower on Intel). Which wins
-    depends on the CPU, so it is measured: the first product of each shape times both ways, and the process keeps
-    the answer (as cuDNN's benchmark mode does), in `DecodeLinear.split_is_faster`. Training, GPUs,
-    `torch.compile`, single threads and small matrices take `F.linear`.
+    weights. Three ways can run it:
+
+    - `"linear"`: `F.linear`, the BLAS library's product (MKL threads it on Intel CPUs, not on AMD ones);
+    - `"split"`: the output features in one block per thread, the blocks multiplied by one `bmm`, which runs them
+      on all cores;
+    - `"kernel"`: ScratchGPT's own matrix-vector kernel (`decode_kernel_scratchgpt.py`), built for this CPU on first
+      use, which reads the weights at about the speed of the memory (float32 and bfloat16 weights).
+
+    Which wins depends on the CPU, its BLAS and the shape, so it is measured: the first product of each shape times
+    the ways, and the process keeps the fastest (as cuDNN's benchmark mode does) in `DecodeLinear.fastest_way`.
+    `F.linear` is replaced only by a way 10% faster. Training, GPUs, autocast, `torch.compile` and small matrices
+    take `F.linear`.
     """
 
-    # (rows, out_features, in_features, dtype, threads) -> whether the split `bmm` measured faster, for the process
-    split_is_faster: dict[tuple, bool] = {}
+    # (rows, out_features, in_features, dtype, threads) -> "linear", "split" or "kernel", for the process
+    fastest_way: dict[tuple, str] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -47,17 +57,20 @@ class DecodeLinear(nn.Linear):
             or self.weight.numel() < 2**19  # 512K weights: from GPT-2 small's 768 x 768 projection up
             or torch.is_grad_enabled()
             or x.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling()
-            or (parts := torch.get_num_threads()) < 2
         ):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features)  # (rows, in)
-        shape = (rows, self.out_features, self.in_features, self.weight.dtype, parts)
-        if shape not in self.split_is_faster:
-            self.split_is_faster[shape] = self._measure_split(flat, parts)
-        if not self.split_is_faster[shape]:
+        threads = torch.get_num_threads()
+        shape = (rows, self.out_features, self.in_features, self.weight.dtype, threads)
+        if shape not in self.fastest_way:
+            self.fastest_way[shape] = self._measure(flat, threads)
+        way = self.fastest_way[shape]
+        if way == "linear":
             return F.linear(x, self.weight, self.bias)
-        return self._split_linear(flat, parts).view(*x.shape[:-1], self.out_features)
+        out = self._split_linear(flat, threads) if way == "split" else decode_kernel()(flat, self.weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _split_linear(self, flat: torch.Tensor, parts: int) -> torch.Tensor:
         """`F.linear(flat, weight, bias)` as one `bmm` over `parts` blocks of output features."""
@@ -71,15 +84,24 @@ class DecodeLinear(nn.Linear):
             out = out + self.bias
         return out
 
-    def _measure_split(self, flat: torch.Tensor, parts: int, runs: int = 5) -> bool:
-        """Whether the split `bmm` beats `F.linear` on `flat` here by 10% or more: the best of `runs` timings each,
-        taken in turn (the first of each warms it up). Decoding reads each weight from memory, not from a cache (a
-        step reads more weights than any cache holds), so a read of twice the last-level cache evicts the weight
-        before each timing. Some milliseconds, once per shape and process."""
-        ways = {
-            "plain": lambda: F.linear(flat, self.weight, self.bias),
-            "split": lambda: self._split_linear(flat, parts),
-        }
+    def _ways(self, flat: torch.Tensor, threads: int) -> dict[str, Callable[[], torch.Tensor]]:
+        """The ways this product can run here: the split needs two threads, the kernel a build and fp32/bf16."""
+        ways = {"linear": lambda: F.linear(flat, self.weight, self.bias)}
+        if threads >= 2:
+            ways["split"] = lambda: self._split_linear(flat, threads)
+        kernel_fits = self.weight.dtype in (torch.float32, torch.bfloat16) and self.weight.is_contiguous()
+        if kernel_fits and (kernel := decode_kernel()) is not None:
+            ways["kernel"] = lambda: kernel(flat, self.weight, self.bias)
+        return ways
+
+    def _measure(self, flat: torch.Tensor, threads: int, runs: int = 5) -> str:
+        """The way that runs this product fastest here, `"linear"` unless another is 10% faster: the best of `runs`
+        timings each, taken in turn (the first of each warms it up). Decoding reads each weight from memory, not from
+        a cache (a step reads more weights than any cache holds), so a read of twice the last-level cache evicts the
+        weight before each timing. Some milliseconds, once per shape and process."""
+        ways = self._ways(flat, threads)
+        if len(ways) == 1:
+            return "linear"
         evict = torch.ones(2 * last_level_cache_bytes() // 4)
         best = dict.fromkeys(ways, float("inf"))
         for _ in range(runs):
@@ -88,7 +110,8 @@ class DecodeLinear(nn.Linear):
                 start = time.perf_counter()
                 way()
                 best[name] = min(best[name], time.perf_counter() - start)
-        return best["split"] < 0.9 * best["plain"]
+        fastest = min(best, key=best.get)
+        return fastest if best[fastest] < 0.9 * best["linear"] else "linear"
 
 
 @functools.cache

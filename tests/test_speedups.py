@@ -1,5 +1,6 @@
 """Tests of hf_scratchgpt/speedups_scratchgpt.py: each speed-up computes what the plain path computes."""
 
+import os
 import time
 from unittest import mock
 
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
+from hf_scratchgpt import decode_kernel_scratchgpt, speedups_scratchgpt
+from hf_scratchgpt.decode_kernel_scratchgpt import decode_kernel
 from hf_scratchgpt.speedups_scratchgpt import DecodeLinear, KVCache, chunked_causal_lm_loss
 
 
@@ -87,7 +90,7 @@ def test_chunked_training_loss_equals_the_plain_loss_and_gradients(chunk_size):
 @pytest.fixture
 def two_threads(monkeypatch):
     """Two threads, and no decode-linear measurement kept from an earlier test."""
-    monkeypatch.setattr(DecodeLinear, "split_is_faster", {})
+    monkeypatch.setattr(DecodeLinear, "fastest_way", {})
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -102,10 +105,43 @@ def test_decode_linear_split_gives_the_linear_result(two_threads):
         with torch.no_grad():
             expected = F.linear(x, layer.weight, layer.bias)
             torch.testing.assert_close(layer._split_linear(x, 2), expected, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(layer(x[:, None]), expected[:, None], atol=1e-5, rtol=1e-5)  # either way
+            torch.testing.assert_close(layer(x[:, None]), expected[:, None], atol=1e-5, rtol=1e-5)  # any way
 
 
-def slowed(way, seconds=0.02):  # far longer than either way takes, even on a busy machine
+@pytest.fixture(scope="module")
+def kernel():
+    """ScratchGPT's decoding kernel, built for this machine (about 20 s the first time on a machine). CI has a
+    compiler, so there it must build; elsewhere the tests that need it skip with the reason."""
+    built = decode_kernel()
+    if built is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the decoding kernel could not be built in CI (see the warning above)")
+        pytest.skip("the decoding kernel cannot be built on this machine")
+    return built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_features, in_features", [(5001, 256), (1001, 777)])  # 777: not a multiple of 16 or 32
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_kernel_gives_the_linear_result(kernel, two_threads, out_features, in_features, bias):
+    torch.manual_seed(0)
+    layer = DecodeLinear(in_features, out_features, bias=bias)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 2 * in_features)[:, ::2]  # not contiguous
+        with torch.no_grad():
+            torch.testing.assert_close(kernel(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias),
+                                       atol=1e-4, rtol=1e-4)
+            # bfloat16 weights and input: float32 sums, so as close to the exact product as bfloat16's F.linear
+            w16, x16 = layer.weight.bfloat16(), x.bfloat16()
+            b16 = layer.bias.bfloat16() if bias else None
+            exact = F.linear(x16.double(), w16.double(), b16.double() if bias else None)
+            ours = kernel(x16, w16, b16)
+            assert ours.dtype == torch.bfloat16
+            error = (ours.double() - exact).abs().max()
+            assert error <= 1.5 * (F.linear(x16, w16, b16).double() - exact).abs().max() + 1e-3, error
+
+
+def slowed(way, seconds=0.02):  # far longer than any way takes, even on a busy machine
     def slow(*args, **kwargs):
         time.sleep(seconds)
         return way(*args, **kwargs)
@@ -113,40 +149,94 @@ def slowed(way, seconds=0.02):  # far longer than either way takes, even on a bu
     return slow
 
 
-@pytest.mark.parametrize("slow_way", ["split", "plain"])
-def test_decode_linear_takes_the_way_measured_faster_once_per_shape(two_threads, slow_way):
+@pytest.mark.parametrize("fast_way", ["linear", "split", "kernel"])
+def test_decode_linear_takes_the_way_measured_fastest_once_per_shape(two_threads, fast_way):
     torch.manual_seed(0)
-    layer = DecodeLinear(256, 5000)  # even: the split is one bmm alone, F.linear is the plain way alone
+    layer = DecodeLinear(256, 5000)  # even: the split is one bmm alone
     x = torch.randn(1, 256)
-    slow_split = mock.patch.object(layer, "_split_linear", slowed(layer._split_linear))
-    slow_plain = mock.patch("torch.nn.functional.linear", slowed(F.linear))
-    with torch.no_grad(), (slow_split if slow_way == "split" else slow_plain):
-        with mock.patch.object(layer, "_measure_split", wraps=layer._measure_split) as measure:
+    kernel = mock.Mock(side_effect=F.linear)  # a stand-in for the built kernel: these tests build nothing
+    real_ways = layer._ways
+
+    def ways(flat, threads):  # every way but `fast_way` slowed
+        return {name: way if name == fast_way else slowed(way) for name, way in real_ways(flat, threads).items()}
+
+    with torch.no_grad(), mock.patch.object(speedups_scratchgpt, "decode_kernel", return_value=kernel):
+        with mock.patch.object(layer, "_ways", side_effect=ways) as measured:
             layer(x)
             layer(x)  # the same shape: measured once
             layer(torch.randn(2, 256))  # another number of rows: measured again
-    assert measure.call_count == 2
-    assert DecodeLinear.split_is_faster == {
-        (rows, 5000, 256, torch.float32, 2): slow_way == "plain" for rows in (1, 2)
-    }
-    with torch.no_grad(), mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
-        out = layer(x)
-    assert bmm.call_count == (slow_way == "plain")
+        assert measured.call_count == 2
+        assert DecodeLinear.fastest_way == {(rows, 5000, 256, torch.float32, 2): fast_way for rows in (1, 2)}
+        kernel.reset_mock()
+        with mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
+            out = layer(x)
+    assert bmm.call_count == (fast_way == "split") and kernel.call_count == (fast_way == "kernel")
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
 def test_decode_linear_measures_nothing_outside_decoding(two_threads):
     layer = DecodeLinear(256, 5000)
-    with mock.patch.object(layer, "_measure_split") as measure, mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
+    with mock.patch.object(layer, "_measure") as measure, mock.patch("torch.bmm", wraps=torch.bmm) as bmm:
         x = torch.randn(2, 256, requires_grad=True)  # training
         layer(x).sum().backward()
         with torch.no_grad():
             layer(torch.randn(17, 256))  # more rows than decoding has
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: F.linear's business
+                assert layer(torch.randn(1, 256)).dtype == torch.bfloat16
             small = DecodeLinear(256, 512)
-            with mock.patch.object(small, "_measure_split") as measure_small:
+            with mock.patch.object(small, "_measure") as measure_small:
                 small(torch.randn(1, 256))  # a small matrix
     assert measure.call_count == measure_small.call_count == bmm.call_count == 0
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_decode_linear_without_a_kernel_measures_the_other_ways(two_threads, monkeypatch, caplog):
+    """Where the kernel cannot be built, a one-line warning says why, and decoding goes on with the other ways;
+    `SCRATCHGPT_DECODE_KERNEL=0` builds nothing."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load_inline", mock.Mock(side_effect=RuntimeError("Error building extension\nmore")))
+    with caplog.at_level("WARNING", logger=decode_kernel_scratchgpt.__name__):
+        assert decode_kernel.__wrapped__() is None
+    assert "could not be built here (Error building extension)" in caplog.text
+    monkeypatch.setenv("SCRATCHGPT_DECODE_KERNEL", "0")
+    assert decode_kernel.__wrapped__() is None and cpp_extension.load_inline.call_count == 1
+
+    layer = DecodeLinear(256, 5000)
+    with mock.patch.object(speedups_scratchgpt, "decode_kernel", return_value=None), torch.no_grad():
+        assert set(layer._ways(torch.randn(1, 256), 2)) == {"linear", "split"}
+        assert set(layer._ways(torch.randn(1, 256), 1)) == {"linear"}
+        x = torch.randn(1, 256)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert DecodeLinear.fastest_way[(1, 5000, 256, torch.float32, 2)] in ("linear", "split")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_with_the_kernel_gives_the_logits_of_f_linear(kernel, two_threads, dtype):
+    """A model wide enough for `DecodeLinear` to measure (qkv 1,536 x 512, feed-forward 2,048 x 512): decode steps
+    with every product on the kernel against every product on `F.linear`."""
+    model = make_lm(emb_dim=512, n_heads=8, n_layers=2, vocab_size=2048).to(dtype)
+    ids = torch.randint(0, 2048, (2, 5))
+
+    def decode(way):
+        shapes = [(rows, m.out_features, m.in_features, dtype, 2) for m in model.modules()
+                  if isinstance(m, DecodeLinear) for rows in (1, 2)]
+        DecodeLinear.fastest_way = dict.fromkeys(shapes, way)
+        with torch.no_grad():
+            cache = KVCache()
+            out = model(ids, cache=cache)
+            logits = []
+            for step in range(3):
+                out = model(ids[:, step : step + 1], cache=cache)  # (2, 1): two rows a step
+                logits.append(out.logits.float())
+        return torch.cat(logits, dim=1)
+
+    with mock.patch.object(speedups_scratchgpt, "decode_kernel", wraps=decode_kernel) as used:
+        ours = decode("kernel")
+    assert used.call_count > 0
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(ours, decode("linear"), **tolerance)
 
 
 def test_kv_cache_never_holds_more_than_the_context():
