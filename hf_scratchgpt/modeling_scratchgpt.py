@@ -362,12 +362,13 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """`generate()` decodes with a `KVCache` where transformers would build a plain `DynamicCache`."""
+        """`generate()` decodes with a `KVCache` where transformers would build a plain `DynamicCache`, its storage
+        bounded by the context and by the length this call generates to."""
         users_cache = model_kwargs.get("cache")
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("cache")
         if users_cache is None and type(cache) is DynamicCache and not cache.offloading:
-            model_kwargs["cache"] = KVCache(self.config.context_length)
+            model_kwargs["cache"] = KVCache(min(self.config.context_length, generation_config.max_length))
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

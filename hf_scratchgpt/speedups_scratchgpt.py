@@ -133,9 +133,9 @@ class KVCacheLayer(DynamicLayer):
     transformers' `DynamicLayer` concatenates each new token's keys and values to all the earlier ones, so every
     decoding step copies the whole cache. This layer writes them into storage that doubles when full, so a step
     copies only what is new; `keys` and `values` are views of the filled part. The first storage holds the prompt
-    exactly, and none outgrows `max_len` positions (the model's context) unless the tokens do: never more than
-    `DynamicLayer` holds, but for the room to grow. Under autograd it concatenates like its
-    parent (a later in-place write would invalidate the views a backward pass still needs).
+    exactly, and none outgrows `max_len` positions (the model's context, or the length `generate()` goes to) unless
+    the tokens do: never more than `DynamicLayer` holds, but for the room to grow. Under autograd it concatenates
+    like its parent (a later in-place write would invalidate the views a backward pass still needs).
     """
 
     def __init__(self, max_len: int | None = None):
@@ -185,7 +185,7 @@ class KVCacheLayer(DynamicLayer):
 
 class KVCache(DynamicCache):
     """A `DynamicCache` of `KVCacheLayer`s: what ScratchGPT decodes with, in `generate()` and in a plain forward.
-    `max_len`, the model's context, bounds each layer's storage."""
+    `max_len` (the model's context; in `generate()`, the length it goes to if shorter) bounds each layer's storage."""
 
     def __init__(self, max_len: int | None = None):
         Cache.__init__(self, layer_class_to_replicate=functools.partial(KVCacheLayer, max_len))

@@ -250,10 +250,10 @@ def test_kv_cache_never_holds_more_than_the_context():
         lambda module, args, kwargs: seen.append(kwargs["cache"]), with_kwargs=True
     )
     try:
-        model.generate(torch.randint(1, 1000, (1, 40)), max_new_tokens=2, do_sample=False)
+        model.generate(torch.randint(1, 1000, (1, 40)), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert all(layer.key_store.shape[-2] == 45 for layer in seen[-1].layers)  # the length generated to, not 80
     finally:
         hook.remove()
-    assert all(layer.key_store.shape[-2] == 64 for layer in seen[-1].layers)  # generate() bounds it by the context
 
 
 def chunked_loss_and_grads(hidden, weight, labels, chunk_size, bf16_autocast):
