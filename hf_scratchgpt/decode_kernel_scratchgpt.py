@@ -191,26 +191,30 @@ def _machine() -> str:
     return f"{platform.machine()} {cpu} torch {torch.__version__}"
 
 
-@functools.cache
-def decode_kernel() -> Callable | None:
-    """`decode_linear(x, weight, bias)` built for this machine, or None where it cannot be (said once, in a warning)
-    or `SCRATCHGPT_DECODE_KERNEL=0`."""
-    if os.environ.get("SCRATCHGPT_DECODE_KERNEL", "1") == "0":
-        return None
+def build_decode_kernel(extra_cflags: tuple[str, ...] = ()) -> Callable:
+    """`decode_linear(x, weight, bias)` compiled for this machine, or loaded from an earlier build of the same source
+    for the same machine; raises where it cannot be built. `extra_cflags` go to the compiler after `-march=native`."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256((SOURCE + _machine()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{SOURCE}{_machine()}{extra_cflags}".encode()).hexdigest()[:16]
     name = f"scratchgpt_decode_{digest}"
     folder = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(), name)
     if not os.path.exists(os.path.join(folder, f"{name}.so")):
         logger.warning("ScratchGPT: building its decoding kernel for this CPU (once, about 20 seconds)")
+    os.makedirs(folder, exist_ok=True)
+    flags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
+    return cpp_extension.load_inline(name, SOURCE, extra_cflags=flags, build_directory=folder).decode_linear
+
+
+@functools.cache
+def decode_kernel() -> Callable | None:
+    """The kernel for this machine, built once per machine and loaded once per process; None where it cannot be
+    built (said once, in a warning) or with `SCRATCHGPT_DECODE_KERNEL=0`."""
+    if os.environ.get("SCRATCHGPT_DECODE_KERNEL", "1") == "0":
+        return None
     try:
-        os.makedirs(folder, exist_ok=True)
-        module = cpp_extension.load_inline(
-            name, SOURCE, extra_cflags=["-O3", "-march=native", "-fopenmp"], build_directory=folder, verbose=False
-        )
+        return build_decode_kernel()
     except Exception as err:  # no compiler, no OpenMP, another architecture: decoding goes on without the kernel
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         logger.warning(f"ScratchGPT: decoding without its kernel, which could not be built here ({first_line})")
         return None
-    return module.decode_linear

@@ -1,6 +1,7 @@
 """Tests of hf_scratchgpt/speedups_scratchgpt.py: each speed-up computes what the plain path computes."""
 
 import os
+import platform
 import time
 from unittest import mock
 
@@ -11,7 +12,7 @@ from transformers.cache_utils import DynamicCache
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
 from hf_scratchgpt import decode_kernel_scratchgpt, speedups_scratchgpt
-from hf_scratchgpt.decode_kernel_scratchgpt import decode_kernel
+from hf_scratchgpt.decode_kernel_scratchgpt import build_decode_kernel, decode_kernel
 from hf_scratchgpt.speedups_scratchgpt import DecodeLinear, KVCache, chunked_causal_lm_loss
 
 
@@ -120,6 +121,17 @@ def kernel():
     return built
 
 
+def assert_bf16_products_as_close_as_f_linear(kernel, layer, x):
+    """bfloat16 weights and input, float32 sums: as close to the exact product as bfloat16's own F.linear."""
+    w16, x16 = layer.weight.bfloat16(), x.bfloat16()
+    b16 = layer.bias.bfloat16() if layer.bias is not None else None
+    exact = F.linear(x16.double(), w16.double(), b16.double() if b16 is not None else None)
+    ours = kernel(x16, w16, b16)
+    assert ours.dtype == torch.bfloat16
+    error = (ours.double() - exact).abs().max()
+    assert error <= 1.5 * (F.linear(x16, w16, b16).double() - exact).abs().max() + 1e-3, error
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("out_features, in_features", [(5001, 256), (1001, 777)])  # 777: not a multiple of 16 or 32
 @pytest.mark.parametrize("bias", [True, False])
@@ -131,14 +143,26 @@ def test_decode_kernel_gives_the_linear_result(kernel, two_threads, out_features
         with torch.no_grad():
             torch.testing.assert_close(kernel(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias),
                                        atol=1e-4, rtol=1e-4)
-            # bfloat16 weights and input: float32 sums, so as close to the exact product as bfloat16's F.linear
-            w16, x16 = layer.weight.bfloat16(), x.bfloat16()
-            b16 = layer.bias.bfloat16() if bias else None
-            exact = F.linear(x16.double(), w16.double(), b16.double() if bias else None)
-            ours = kernel(x16, w16, b16)
-            assert ours.dtype == torch.bfloat16
-            error = (ours.double() - exact).abs().max()
-            assert error <= 1.5 * (F.linear(x16, w16, b16).double() - exact).abs().max() + 1e-3, error
+            assert_bf16_products_as_close_as_f_linear(kernel, layer, x)
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as file:
+        return set(next(line for line in file if line.startswith("flags")).split(":")[1].split())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or "avx512_bf16" not in cpu_flags(),
+                    reason="the other bfloat16 path is the one built here already")
+def test_decode_kernel_bf16_without_avx512_bf16(kernel, two_threads):
+    """This CPU's build takes AVX-512 BF16's pair products for bfloat16 weights; a build without them takes the
+    path every other CPU takes (each 16-bit half of a word turned into a float32), which must be as close."""
+    portable = build_decode_kernel(("-mno-avx512bf16",))
+    torch.manual_seed(0)
+    layer = DecodeLinear(777, 1001)
+    for rows in (1, 3, 16):
+        with torch.no_grad():
+            assert_bf16_products_as_close_as_f_linear(portable, layer, torch.randn(rows, 777))
 
 
 def slowed(way, seconds=0.02):  # far longer than any way takes, even on a busy machine
