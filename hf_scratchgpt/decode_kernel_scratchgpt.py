@@ -56,77 +56,90 @@ inline float bf16_to_float(uint16_t bits) {  // bfloat16 is a float32's top 16 b
   return v;
 }
 
-// Weights in float32: 16 weights a step.
+inline uint16_t float_to_bf16(float v) {  // rounded to nearest, ties to even
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Weights, bias and output in float32; x as it comes: 16 weights a step.
 struct F32 {
   using T = float;
   static constexpr int64_t kStep = 16;
-  static f16v dot(const float* w, const float* xp, int64_t k, f16v acc) {
-    return acc + *reinterpret_cast<const f16v*>(w + k) * *reinterpret_cast<const f16v*>(xp + k);
+  static const void* prepare(const at::Tensor& x, at::Tensor&) { return x.data_ptr<float>(); }
+  static f16v dot(const float* w, const void* xr, int64_t k, f16v acc) {
+    const float* x = static_cast<const float*>(xr);
+    return acc + *reinterpret_cast<const f16v*>(w + k) * *reinterpret_cast<const f16v*>(x + k);
   }
-  static float at(const float* w, const float* xp, int64_t k) { return w[k] * xp[k]; }
+  static float tail(const float* w, const void* xr, int64_t k) { return w[k] * static_cast<const float*>(xr)[k]; }
+  static float to_float(float v) { return v; }
+  static float from_float(float v) { return v; }
 };
 
-// Weights in bfloat16: 32 weights a step.
+// Weights, bias and output in bfloat16: 32 weights a step, summed in float32.
 #if defined(__AVX512BF16__)
-// CPUs with AVX-512 BF16 (and AMX) multiply 32 bfloat16 pairs and sum them in float32 in one instruction; x is
-// turned into bfloat16 for it (exactly, when it came as bfloat16).
+// CPUs with AVX-512 BF16 (and AMX) multiply 32 bfloat16 pairs and add them to 16 float32 sums in one instruction,
+// taking x as it comes.
 struct BF16 {
   using T = uint16_t;
   static constexpr int64_t kStep = 32;
-  static void prepare(const float* x, float* xp, int64_t in) {
-    uint16_t* half = reinterpret_cast<uint16_t*>(xp);
-    for (int64_t k = 0; k < in; ++k) {
-      uint32_t bits;
-      std::memcpy(&bits, x + k, sizeof bits);
-      half[k] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
-    }
-  }
-  static f16v dot(const uint16_t* w, const float* xp, int64_t k, f16v acc) {
-    const uint16_t* half = reinterpret_cast<const uint16_t*>(xp);
+  static const void* prepare(const at::Tensor& x, at::Tensor&) { return x.data_ptr<at::BFloat16>(); }
+  static f16v dot(const uint16_t* w, const void* xr, int64_t k, f16v acc) {
+    const uint16_t* x = static_cast<const uint16_t*>(xr);
     return (f16v)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_loadu_si512(w + k),
-                                  (__m512bh)_mm512_loadu_si512(half + k));
+                                  (__m512bh)_mm512_loadu_si512(x + k));
   }
-  static float at(const uint16_t* w, const float* xp, int64_t k) {
-    return bf16_to_float(w[k]) * bf16_to_float(reinterpret_cast<const uint16_t*>(xp)[k]);
+  static float tail(const uint16_t* w, const void* xr, int64_t k) {
+    return bf16_to_float(w[k]) * bf16_to_float(static_cast<const uint16_t*>(xr)[k]);
   }
-};
 #else
-// Elsewhere, read as 16 words of two: a word's low half is the even weight (x86 and Arm are little-endian) and its
-// high half the odd one; shifted and masked, each half is a float32 as it stands. x is laid out to match: the 16
-// even entries of each 32, then the 16 odd ones.
+// Elsewhere, 16 words of two weights: a word's low half is the even weight (x86 and Arm are little-endian) and its
+// high half the odd one; shifted or masked, each half is a float32 as it stands. x is laid out to match, in float32:
+// the 16 even entries of each 32, then the 16 odd ones.
 struct BF16 {
   using T = uint16_t;
   static constexpr int64_t kStep = 32;
-  static void prepare(const float* x, float* xp, int64_t in) {
-    const int64_t whole = in - in % kStep;
-    for (int64_t k = 0; k < whole; k += kStep)
-      for (int64_t i = 0; i < 16; ++i) {
-        xp[k + i] = x[k + 2 * i];
-        xp[k + 16 + i] = x[k + 2 * i + 1];
-      }
-    std::memcpy(xp + whole, x + whole, (in - whole) * sizeof(float));
+  static const void* prepare(const at::Tensor& x, at::Tensor& buffer) {
+    const int64_t rows = x.size(0), in = x.size(1), whole = in - in % kStep;
+    buffer = torch::empty({rows, in}, x.options().dtype(at::kFloat));
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    float* dst = buffer.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r, src += in, dst += in) {
+      for (int64_t k = 0; k < whole; k += kStep)
+        for (int64_t i = 0; i < 16; ++i) {
+          dst[k + i] = bf16_to_float(src[k + 2 * i]);
+          dst[k + 16 + i] = bf16_to_float(src[k + 2 * i + 1]);
+        }
+      for (int64_t k = whole; k < in; ++k) dst[k] = bf16_to_float(src[k]);
+    }
+    return buffer.data_ptr<float>();
   }
-  static f16v dot(const uint16_t* w, const float* xp, int64_t k, f16v acc) {
+  static f16v dot(const uint16_t* w, const void* xr, int64_t k, f16v acc) {
+    const float* x = static_cast<const float*>(xr);
     const u16v words = *reinterpret_cast<const u16v*>(w + k);
     const f16v even = (f16v)(words << 16), odd = (f16v)(words & 0xFFFF0000u);
-    return acc + even * *reinterpret_cast<const f16v*>(xp + k) + odd * *reinterpret_cast<const f16v*>(xp + k + 16);
+    return acc + even * *reinterpret_cast<const f16v*>(x + k) + odd * *reinterpret_cast<const f16v*>(x + k + 16);
   }
-  static float at(const uint16_t* w, const float* xp, int64_t k) { return bf16_to_float(w[k]) * xp[k]; }
-};
+  static float tail(const uint16_t* w, const void* xr, int64_t k) {
+    return bf16_to_float(w[k]) * static_cast<const float*>(xr)[k];
+  }
 #endif
+  static float to_float(uint16_t v) { return bf16_to_float(v); }
+  static uint16_t from_float(float v) { return float_to_bf16(v); }
+};
 
 // y[r, o] = x[r] . w[o] (+ bias[o]) for the weight rows o in [begin, end): four at a time, each against every row
-// of x, so each weight comes from memory once (x stays in the L1 cache).
+// of x, so each weight comes from memory once (x stays in the L1 cache). `x_row` is a row of x as `prepare` made it.
 template <typename K>
-void weight_rows(const typename K::T* w, const float* xp, const float* bias, float* y, int64_t rows, int64_t out,
-                 int64_t in, int64_t begin, int64_t end) {
+void weight_rows(const typename K::T* w, const void* x, int64_t x_row_bytes, const typename K::T* bias,
+                 typename K::T* y, int64_t rows, int64_t out, int64_t in, int64_t begin, int64_t end) {
   const int64_t whole = in - in % K::kStep;
   for (int64_t o = begin; o < end; o += 4) {
     const int64_t n = std::min<int64_t>(4, end - o);
     const typename K::T* wr[4];
     for (int64_t j = 0; j < 4; ++j) wr[j] = w + (o + std::min(j, n - 1)) * in;  // past the end: repeat the last
     for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = xp + r * in;
+      const void* xr = static_cast<const char*>(x) + r * x_row_bytes;
       f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t k = 0; k < whole; k += K::kStep) {
         a0 = K::dot(wr[0], xr, k, a0);
@@ -136,40 +149,39 @@ void weight_rows(const typename K::T* w, const float* xp, const float* bias, flo
       }
       float sums[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
       for (int64_t j = 0; j < n; ++j) {
-        for (int64_t k = whole; k < in; ++k) sums[j] += K::at(wr[j], xr, k);
-        y[r * out + o + j] = sums[j] + (bias ? bias[o + j] : 0.f);
+        for (int64_t k = whole; k < in; ++k) sums[j] += K::tail(wr[j], xr, k);
+        y[r * out + o + j] = K::from_float(sums[j] + (bias ? K::to_float(bias[o + j]) : 0.f));
       }
     }
   }
 }
 
-// x (rows, in) @ weight (out, in).T + bias, in x's dtype; float32 or bfloat16 weights, float32 sums.
+template <typename K, typename Scalar>
+torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
+  const int64_t rows = x.size(0), out = weight.size(0), in = weight.size(1);
+  torch::Tensor buffer;
+  const void* xp = K::prepare(x, buffer);
+  const int64_t x_row_bytes = buffer.defined() ? in * sizeof(float) : in * x.element_size();
+  const auto* w = reinterpret_cast<const typename K::T*>(weight.data_ptr<Scalar>());
+  const auto* b = bias.defined() ? reinterpret_cast<const typename K::T*>(bias.data_ptr<Scalar>()) : nullptr;
+  torch::Tensor y = torch::empty({rows, out}, x.options());
+  auto* yp = reinterpret_cast<typename K::T*>(y.data_ptr<Scalar>());
+  at::parallel_for(0, (out + 3) / 4, 16, [&](int64_t first, int64_t last) {  // blocks of four weight rows
+    weight_rows<K>(w, xp, x_row_bytes, b, yp, rows, out, in, 4 * first, std::min(out, 4 * last));
+  });
+  return y;
+}
+
+// x (rows, in) @ weight (out, in).T + bias: float32 or bfloat16, all three alike; float32 sums.
 torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: shapes do not fit");
-  TORCH_CHECK(weight.is_contiguous(), "decode_linear: the weight must be contiguous");
-  const bool bf16 = weight.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || weight.scalar_type() == at::kFloat, "decode_linear: float32 or bfloat16 weights only");
-  const int64_t rows = x.size(0), out = weight.size(0), in = weight.size(1);
-  torch::Tensor xf = x.to(at::kFloat).contiguous();
-  torch::Tensor xp = xf;  // float32 weights take x as it is (no copy: it shows in a step of 49 products)
-  if (bf16) {
-    xp = torch::empty_like(xf);
-    for (int64_t r = 0; r < rows; ++r) BF16::prepare(xf.data_ptr<float>() + r * in, xp.data_ptr<float>() + r * in, in);
-  }
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  torch::Tensor y = torch::empty({rows, out}, xf.options());
-  at::parallel_for(0, (out + 3) / 4, 16, [&](int64_t first, int64_t last) {  // blocks of four weight rows
-    const int64_t begin = 4 * first, end = std::min(out, 4 * last);
-    if (bf16)
-      weight_rows<BF16>(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), xp.data_ptr<float>(), bp,
-                        y.data_ptr<float>(), rows, out, in, begin, end);
-    else
-      weight_rows<F32>(weight.data_ptr<float>(), xp.data_ptr<float>(), bp, y.data_ptr<float>(), rows, out, in, begin,
-                       end);
-  });
-  return y.to(x.scalar_type());
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_linear: float32 or bfloat16 weights only");
+  TORCH_CHECK(x.scalar_type() == dtype, "decode_linear: x and the weight differ in dtype");
+  torch::Tensor b = bias.has_value() && bias->defined() ? bias->to(dtype).contiguous() : torch::Tensor();
+  x = x.contiguous();
+  weight = weight.contiguous();
+  return dtype == at::kFloat ? run<F32, float>(x, weight, b) : run<BF16, at::BFloat16>(x, weight, b);
 }
 
 }  // namespace
