@@ -36,11 +36,12 @@ SOURCE = r"""
 
 namespace {
 
-// 16 floats loaded from any address; GCC and Clang turn them into the machine's vectors (AVX-512, 2 x AVX2, NEON).
-typedef float f16v __attribute__((vector_size(64), aligned(4)));
+// 16 floats loaded from any address (and allowed to read memory of another type); GCC and Clang turn them into the
+// machine's vectors (AVX-512, 2 x AVX2, NEON).
+typedef float f16v __attribute__((vector_size(64), aligned(4), may_alias));
 typedef float f8v __attribute__((vector_size(32)));
 typedef float f4v __attribute__((vector_size(16)));
-typedef uint32_t u16v __attribute__((vector_size(64), aligned(2)));
+typedef uint32_t u16v __attribute__((vector_size(64), aligned(2), may_alias));
 
 inline float hsum(f16v v) {  // a tree of adds, not 15 in a row
   f8v h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -174,6 +175,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const tor
 
 // x (rows, in) @ weight (out, in).T + bias: float32 or bfloat16, all three alike; float32 sums.
 torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  pybind11::gil_scoped_release no_gil;  // as torch's own operators do: other Python threads run meanwhile
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: shapes do not fit");
   const auto dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_linear: float32 or bfloat16 weights only");
