@@ -13,7 +13,8 @@ each ratio is ScratchGPT / GPT-2 from medians of the same run:
    token inside `generate()` so the prefill is left out; its growth from 100 to 1,000; and the step at 100 as a
    multiple of the time to read the weights once at the read bandwidth measured in the same run (its limit);
 5. peak memory of a training step, and of generating 24 tokens after a 1,000-token prompt, each model in a fresh
-   child process (the measurements not alternated);
+   child process (the measurements not alternated; generation's the median of 3 processes each, as one model's
+   peak moves by up to 0.5% from process to process);
 6. bfloat16, where the CPU has AVX-512 BF16 or AMX (or `--bf16`): training under autocast and decoding with
    bfloat16 weights, each against the same model's float32 figure, and the gap between the losses of float32 and
    bfloat16 training over the first 50 steps.
@@ -81,6 +82,7 @@ class Settings:
     gen_prompt: int = 32  # prompt tokens of the generation measurement
     gen_new: int = 32  # new tokens per generate() call
     decode_rounds: int = 5
+    memory_rounds: int = 3  # fresh processes per model for generation's peak memory (the median is kept)
     decode_new: int = 24  # new tokens after the long prompt: 1,000 + 24 fits a context of 1,024
     matmul_n: int = 2048  # side of the square matmul that measures the machine's peak
     matmul_reps: int = 3  # matmuls per timed matmul run
@@ -586,13 +588,15 @@ def generate_memory_child(which: str, shape: str, settings: Settings) -> int:
 def measure_generate_memory(shape: str, settings: Settings) -> list[Row]:
     """Peak memory of a long prompt's generation: ScratchGPT against GPT-2, and its `KVCache` against the
     `DynamicCache` transformers would give it."""
-    mib = {name: peak / 2**20 for name, peak in
-           in_child_processes(generate_memory_child, ("scratchgpt", "gpt2", "dynamic-cache"), shape, settings).items()}
+    names = ("scratchgpt", "gpt2", "dynamic-cache")
+    runs = [in_child_processes(generate_memory_child, names, shape, settings) for _ in range(settings.memory_rounds)]
+    samples = {name: [run[name] / 2**20 for run in runs] for name in names}
+    mib = {name: median(samples[name]) for name in names}
     attn = "sdpa" if "sdpa" in settings.attns else settings.attns[0]
     measure = f"generate peak memory, {DECODE_CONTEXTS[1]:,} + {settings.decode_new}"
     return [
         Row(shape, attn, measure, "MiB", mib["scratchgpt"], mib["gpt2"], mib["scratchgpt"] / mib["gpt2"],
-            samples={"dynamic_cache_mib": mib["dynamic-cache"]}),
+            samples={"dynamic_cache_mib": mib["dynamic-cache"], "mib": samples}),
         Row(shape, attn, "  KVCache / DynamicCache", "x", mib["scratchgpt"] / mib["dynamic-cache"], None),
     ]
 
@@ -616,8 +620,8 @@ def target_for(row: Row, settings: Settings) -> Target | None:
         return Target("ratio", "<=", 0.8, "<= 0.80x")
     if row.measure == "decode step / weight-read limit" and row.shape == "gpt2-small":
         return Target("scratchgpt", "<=", 1.25, "<= 1.25x")
-    if row.measure == "  KVCache / DynamicCache":  # resident sizes differ by a few pages from run to run
-        return Target("scratchgpt", "<=", 1.0, "<= 1.00x", tolerance=0.001)
+    if row.measure == "  KVCache / DynamicCache":  # one model's peak moves by up to 0.5% from process to process
+        return Target("scratchgpt", "<=", 1.0, "<= 1.00x", tolerance=0.005)
     if row.measure.startswith("bf16 loss gap"):
         return Target("scratchgpt", "<=", 2.0, "<= 2.0%")
     if row.measure == "bf16 / fp32 train tokens/s" and row.shape == "gpt2-small" and settings.amx:
@@ -729,7 +733,8 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
         how = ("torch.cuda.max_memory_allocated" if settings.device.startswith("cuda") else
                "peak resident size (VmHWM, reset before the step) with malloc returning freed blocks to the system")
         print(f"memory: one fresh process per model; peak = {how}, minus the process before the model was built"
-              " (so weights + AdamW state + the step's activations and gradients)")
+              " (so weights + AdamW state + the step's activations and gradients); generation: the median of"
+              f" {settings.memory_rounds} such processes per model, above its resting size")
     for row in rows:
         if row.measure == "decode step / weight-read limit":
             print(f"weight-read limit, {row.shape}/{row.attn}: {row.samples['weight_mb']:.0f} MB of blocks and head at"
@@ -800,6 +805,7 @@ def parse_args(argv=None) -> tuple[Settings, str | None]:
     if args.quick:
         settings.batch, settings.steps, settings.warmup = 2, 3, 1
         settings.gen_new, settings.decode_new, settings.decode_rounds, settings.matmul_reps = 16, 12, 2, 2
+        settings.memory_rounds = 1
         settings.bf16_loss_steps = 10
     settings.batch = args.batch or settings.batch
     settings.steps = args.steps or settings.steps

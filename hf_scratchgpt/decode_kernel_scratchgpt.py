@@ -18,12 +18,16 @@ import hashlib
 import logging
 import os
 import platform
+import sysconfig
+import time
 from collections.abc import Callable
 
 import torch
 
 
 logger = logging.getLogger(__name__)
+
+STALE_LOCK_SECONDS = 600  # a build takes about 20 s; a lock file this old belongs to a build that was killed
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -39,15 +43,14 @@ namespace {
 // 16 floats loaded from any address (and allowed to read memory of another type); GCC and Clang turn them into the
 // machine's vectors (AVX-512, 2 x AVX2, NEON).
 typedef float f16v __attribute__((vector_size(64), aligned(4), may_alias));
-typedef float f8v __attribute__((vector_size(32)));
-typedef float f4v __attribute__((vector_size(16)));
 typedef uint32_t u16v __attribute__((vector_size(64), aligned(2), may_alias));
 
-inline float hsum(f16v v) {  // a tree of adds, not 15 in a row
-  f8v h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  f4v q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[2]) + (q[1] + q[3]);
+inline float hsum(f16v v) {  // a tree of adds (8, 4, 2, 1 at a time), not 15 in a row
+  float lanes[16];
+  std::memcpy(lanes, &v, sizeof lanes);
+  for (int width = 8; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
 }
 
 inline float bf16_to_float(uint16_t bits) {  // bfloat16 is a float32's top 16 bits
@@ -57,9 +60,10 @@ inline float bf16_to_float(uint16_t bits) {  // bfloat16 is a float32's top 16 b
   return v;
 }
 
-inline uint16_t float_to_bf16(float v) {  // rounded to nearest, ties to even
+inline uint16_t float_to_bf16(float v) {  // rounded to nearest, ties to even; a NaN stays a NaN
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
+  if (v != v) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
   return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
@@ -177,10 +181,12 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const tor
 torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   pybind11::gil_scoped_release no_gil;  // as torch's own operators do: other Python threads run meanwhile
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: shapes do not fit");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear: CPU tensors only");
   const auto dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_linear: float32 or bfloat16 weights only");
   TORCH_CHECK(x.scalar_type() == dtype, "decode_linear: x and the weight differ in dtype");
   torch::Tensor b = bias.has_value() && bias->defined() ? bias->to(dtype).contiguous() : torch::Tensor();
+  TORCH_CHECK(!b.defined() || (b.is_cpu() && b.numel() == weight.size(0)), "decode_linear: the bias does not fit");
   x = x.contiguous();
   weight = weight.contiguous();
   return dtype == at::kFloat ? run<F32, float>(x, weight, b) : run<BF16, at::BFloat16>(x, weight, b);
@@ -194,7 +200,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_linear", &decode_linear
 
 def _machine() -> str:
     """What a `-march=native` build depends on: the CPU's model and flags (a shared home directory may see several
-    kinds of machine), and torch's version."""
+    kinds of machine), torch's version, the Python it is for and the compiler asked for."""
     cpu = ""
     try:
         with open("/proc/cpuinfo") as file:
@@ -202,7 +208,8 @@ def _machine() -> str:
                           if line.startswith(("model name", "flags", "Features", "CPU part")))
     except OSError:
         cpu = platform.processor()
-    return f"{platform.machine()} {cpu} torch {torch.__version__}"
+    python = sysconfig.get_config_var("EXT_SUFFIX")
+    return f"{platform.machine()} {cpu} torch {torch.__version__} {python} {os.environ.get('CXX', 'c++')}"
 
 
 def build_decode_kernel(extra_cflags: tuple[str, ...] = ()) -> Callable:
@@ -216,6 +223,10 @@ def build_decode_kernel(extra_cflags: tuple[str, ...] = ()) -> Callable:
     if not os.path.exists(os.path.join(folder, f"{name}.so")):
         logger.warning("ScratchGPT: building its decoding kernel for this CPU (once, about 20 seconds)")
     os.makedirs(folder, exist_ok=True)
+    lock = os.path.join(folder, "lock")  # torch's: held while one process builds; others wait for it without end
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
+        logger.warning(f"ScratchGPT: removing {lock}, left by a build that did not finish")
+        os.remove(lock)
     flags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
     return cpp_extension.load_inline(name, SOURCE, extra_cflags=flags, build_directory=folder).decode_linear
 

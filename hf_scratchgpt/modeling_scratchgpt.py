@@ -368,7 +368,7 @@ class ScratchGPTForCausalLM(ScratchGPTPreTrainedModel, GenerationMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("cache")
         if users_cache is None and type(cache) is DynamicCache and not cache.offloading:
-            model_kwargs["cache"] = KVCache(min(self.config.context_length, generation_config.max_length))
+            model_kwargs["cache"] = KVCache(self.config.context_length, expected_len=generation_config.max_length)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

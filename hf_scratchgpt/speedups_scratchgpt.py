@@ -133,14 +133,16 @@ class KVCacheLayer(DynamicLayer):
     transformers' `DynamicLayer` concatenates each new token's keys and values to all the earlier ones, so every
     decoding step copies the whole cache. This layer writes them into storage that doubles when full, so a step
     copies only what is new; `keys` and `values` are views of the filled part. The first storage holds the prompt
-    exactly, and none outgrows `max_len` positions (the model's context, or the length `generate()` goes to) unless
-    the tokens do: never more than `DynamicLayer` holds, but for the room to grow. Under autograd it concatenates
-    like its parent (a later in-place write would invalidate the views a backward pass still needs).
+    exactly, and none outgrows `max_len` positions (the model's context) unless the tokens do, nor `expected_len`
+    (the length `generate()` goes to) until the tokens pass it: never more than `DynamicLayer` holds, but for the
+    room to grow. Under autograd it concatenates like its parent (a later in-place write would invalidate the views
+    a backward pass still needs).
     """
 
-    def __init__(self, max_len: int | None = None):
+    def __init__(self, max_len: int | None = None, expected_len: int | None = None):
         super().__init__()
         self.max_len = max_len
+        self.expected_len = expected_len
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -155,6 +157,8 @@ class KVCacheLayer(DynamicLayer):
         total = past + key_states.shape[-2]
         if not self._store_holds(key_states, total):  # first call, full, or keys replaced (beam search reorders)
             capacity = total if not past else 2 * total  # a prompt: its own size, as `DynamicLayer` holds it
+            if self.expected_len is not None and total <= self.expected_len:
+                capacity = min(capacity, self.expected_len)
             capacity = capacity if self.max_len is None else max(total, min(capacity, self.max_len))
             self.key_store = self._grow(self.keys, key_states, past, capacity)
             self.value_store = self._grow(self.values, value_states, past, capacity)
@@ -185,10 +189,11 @@ class KVCacheLayer(DynamicLayer):
 
 class KVCache(DynamicCache):
     """A `DynamicCache` of `KVCacheLayer`s: what ScratchGPT decodes with, in `generate()` and in a plain forward.
-    `max_len` (the model's context; in `generate()`, the length it goes to if shorter) bounds each layer's storage."""
+    `max_len` (the model's context) bounds each layer's storage, and `expected_len` (the length `generate()` goes
+    to) until the tokens pass it."""
 
-    def __init__(self, max_len: int | None = None):
-        Cache.__init__(self, layer_class_to_replicate=functools.partial(KVCacheLayer, max_len))
+    def __init__(self, max_len: int | None = None, expected_len: int | None = None):
+        Cache.__init__(self, layer_class_to_replicate=functools.partial(KVCacheLayer, max_len, expected_len))
 
 
 

@@ -133,7 +133,8 @@ def assert_bf16_products_as_close_as_f_linear(kernel, layer, x):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("out_features, in_features", [(5001, 256), (1001, 777)])  # 777: not a multiple of 16 or 32
+# every remainder of out_features by the blocks of four rows; 777: not a multiple of 16 or 32
+@pytest.mark.parametrize("out_features, in_features", [(5001, 256), (1001, 777), (1002, 777), (1003, 64), (1004, 32)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_decode_kernel_gives_the_linear_result(kernel, two_threads, out_features, in_features, bias):
     torch.manual_seed(0)
@@ -144,6 +145,21 @@ def test_decode_kernel_gives_the_linear_result(kernel, two_threads, out_features
             torch.testing.assert_close(kernel(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias),
                                        atol=1e-4, rtol=1e-4)
             assert_bf16_products_as_close_as_f_linear(kernel, layer, x)
+
+
+@pytest.mark.slow
+def test_decode_kernel_refuses_what_it_cannot_compute(kernel):
+    """A one-line error, not a crash or a read past the end (the kernel runs without the GIL)."""
+    weight = torch.randn(8, 32)
+    for x, w, b, message in [
+        (torch.randn(1, 16), weight, None, "shapes do not fit"),
+        (torch.randn(1, 32), weight, torch.randn(7), "bias"),
+        (torch.randn(1, 32).double(), weight.double(), None, "float32 or bfloat16"),
+        (torch.randn(1, 32).bfloat16(), weight, None, "differ in dtype"),
+        (torch.randn(1, 32, device="meta"), weight.to("meta"), None, "CPU"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            kernel(x, w, b)
 
 
 def cpu_flags() -> set[str]:
@@ -243,11 +259,14 @@ def test_decoding_with_the_kernel_gives_the_logits_of_f_linear(kernel, two_threa
     model = make_lm(emb_dim=512, n_heads=8, n_layers=2, vocab_size=2048).to(dtype)
     ids = torch.randint(0, 2048, (2, 5))
 
+    measured = [m for m in model.modules() if isinstance(m, DecodeLinear) and m.weight.numel() >= 2**19]
+    counted = mock.Mock(wraps=kernel)
+
     def decode(way):
-        shapes = [(rows, m.out_features, m.in_features, dtype, 2) for m in model.modules()
-                  if isinstance(m, DecodeLinear) for rows in (1, 2)]
+        # every shape decided beforehand, the prefill's 10 rows too: nothing is measured, one way runs throughout
+        shapes = [(rows, m.out_features, m.in_features, dtype, 2) for m in measured for rows in (1, 2, 10)]
         DecodeLinear.fastest_way = dict.fromkeys(shapes, way)
-        with torch.no_grad():
+        with torch.no_grad(), mock.patch.object(speedups_scratchgpt, "decode_kernel", return_value=counted):
             cache = KVCache()
             out = model(ids, cache=cache)
             logits = []
@@ -256,11 +275,30 @@ def test_decoding_with_the_kernel_gives_the_logits_of_f_linear(kernel, two_threa
                 logits.append(out.logits.float())
         return torch.cat(logits, dim=1)
 
-    with mock.patch.object(speedups_scratchgpt, "decode_kernel", wraps=decode_kernel) as used:
-        ours = decode("kernel")
-    assert used.call_count > 0
+    ours = decode("kernel")
+    assert counted.call_count == 4 * len(measured)  # the prefill and 3 steps, every large product
+    counted.reset_mock()
+    theirs = decode("linear")
+    assert counted.call_count == 0
     tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
-    torch.testing.assert_close(ours, decode("linear"), **tolerance)
+    torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+def test_kv_cache_of_one_generate_call_grows_by_doubling_in_the_next():
+    """generate() bounds the storage by its own length; a cache passed on to a later call still doubles (up to the
+    context), not one position at a time."""
+    model = make_lm(eos_token_id=None, pad_token_id=0)  # context 64
+    ids = torch.randint(1, 1000, (1, 10))
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = out.cache
+    assert all(layer.key_store.shape[-2] == 14 for layer in cache.layers)  # 10 + 4: the length generated to
+    stores = set()
+    for step in range(20):
+        with torch.no_grad():
+            model(out.sequences[:, -1:] if step == 0 else torch.randint(1, 1000, (1, 1)), cache=cache)
+        stores.add(cache.layers[0].key_store.data_ptr())
+    assert cache.layers[0].keys.shape[-2] == 33 and cache.layers[0].key_store.shape[-2] == 62  # 14 -> 30 -> 62
+    assert len(stores) == 3
 
 
 def test_kv_cache_never_holds_more_than_the_context():
