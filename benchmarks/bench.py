@@ -33,6 +33,7 @@ benchmarks/results/bench-<date>-<time>.json, a folder git ignores; `--json PATH`
 
 import argparse
 import concurrent.futures
+import copy
 import gc
 import json
 import multiprocessing
@@ -465,20 +466,21 @@ def measure_bf16_loss(shape: str, attn: str, settings: Settings) -> Row:
                samples={"fp32": losses[False], "bf16": losses[True]})
 
 
-def measure_bf16_decode(pair, shape: str, attn: str, fp32_rows: list[Row], settings: Settings) -> list[Row]:
-    """A decode step at 100 tokens of context with bfloat16 weights, and its time over the float32 step's."""
-    for model in pair.values():
-        model.to(torch.bfloat16)
-    try:
-        prompt = random_prompt(1, DECODE_CONTEXTS[0], settings)
-        runs = {name: decode_step_run(pair[name], prompt, settings) for name in MODELS}
-        samples = alternate(runs, settings.decode_rounds, warmup=1)
-    finally:
-        for model in pair.values():
-            model.to(torch.float32)
-    ms = {name: 1e3 * median(samples[name]) for name in MODELS}
-    fp32 = next(row for row in fp32_rows if row.measure == f"decode ms/token, {DECODE_CONTEXTS[0]} context")
-    share = {"scratchgpt": ms["scratchgpt"] / fp32.scratchgpt, "gpt2": ms["gpt2"] / fp32.gpt2}
+def measure_bf16_decode(pair, shape: str, attn: str, settings: Settings) -> list[Row]:
+    """A decode step at 100 tokens of context with bfloat16 weights, and its time over the float32 step's: bf16
+    copies of both models timed in turn with the float32 models (a virtual machine's read bandwidth moves from
+    minute to minute, so the two sides of the ratio come from the same rounds)."""
+    bf16_pair = {name: copy.deepcopy(model).to(torch.bfloat16) for name, model in pair.items()}
+    prompt = random_prompt(1, DECODE_CONTEXTS[0], settings)
+    runs = {}
+    for name in MODELS:
+        runs[name] = decode_step_run(bf16_pair[name], prompt, settings)
+        runs[f"{name} fp32"] = decode_step_run(pair[name], prompt, settings)
+    samples = alternate(runs, settings.decode_rounds, warmup=1)
+    del bf16_pair
+    gc.collect()
+    ms = {name: 1e3 * median(seconds) for name, seconds in samples.items()}
+    share = {name: ms[name] / ms[f"{name} fp32"] for name in MODELS}
     return [
         Row(shape, attn, f"bf16 decode ms/token, {DECODE_CONTEXTS[0]} context", "ms", ms["scratchgpt"], ms["gpt2"],
             ms["scratchgpt"] / ms["gpt2"], samples={"seconds_per_step": samples}),
@@ -843,7 +845,7 @@ def main(argv=None) -> None:
             decode = measure_decode(pair, shape, attn, settings)
             rows += decode
             if settings.bf16:
-                rows += measure_bf16_decode(pair, shape, attn, decode, settings)
+                rows += measure_bf16_decode(pair, shape, attn, settings)
         del pair
         gc.collect()
         print(f"  [{time.perf_counter() - start:5.0f}s] {shape}: decode done", flush=True)
