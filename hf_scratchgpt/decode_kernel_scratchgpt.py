@@ -53,19 +53,9 @@ inline float hsum(f16v v) {  // a tree of adds (8, 4, 2, 1 at a time), not 15 in
   return lanes[0];
 }
 
-inline float bf16_to_float(uint16_t bits) {  // bfloat16 is a float32's top 16 bits
-  uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float v;
-  std::memcpy(&v, &word, sizeof v);
-  return v;
-}
-
-inline uint16_t float_to_bf16(float v) {  // rounded to nearest, ties to even; a NaN stays a NaN
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  if (v != v) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
-  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
+// c10's own conversions: a bfloat16 is a float32's top 16 bits; back, rounded to nearest even, NaN kept.
+inline float bf16_to_float(uint16_t bits) { return c10::detail::f32_from_bits(bits); }
+inline uint16_t float_to_bf16(float v) { return c10::detail::round_to_nearest_even(v); }
 
 // Weights, bias and output in float32; x as it comes: 16 weights a step.
 struct F32 {
