@@ -15,9 +15,10 @@ each ratio is ScratchGPT / GPT-2 from medians of the same run:
 5. peak memory of a training step, and of generating 24 tokens after a 1,000-token prompt, each model in a fresh
    child process (the measurements not alternated; generation's the median of 3 processes each, as one model's
    peak moves by up to 0.5% from process to process);
-6. bfloat16, where the CPU has AVX-512 BF16 or AMX (or `--bf16`): training under autocast and decoding with
-   bfloat16 weights, each against the same model's float32 figure, and the gap between the losses of float32 and
-   bfloat16 training over the first 50 steps.
+6. bfloat16, where the CPU has AVX-512 BF16 or AMX, on CUDA, or with `--bf16`: training under autocast (its MFU
+   against the bfloat16 matmul measured in the same rounds, or `--peak-tflops`) and decoding with bfloat16
+   weights, each against the same model's float32 figure, and the gap between the losses of float32 and bfloat16
+   training over the first 50 steps.
 
 The table's header line names the machine: CPU model, vendor and extensions, threads, torch, MKL and oneDNN.
 
@@ -25,7 +26,10 @@ Run it from the repository root:
 
     python benchmarks/bench.py --quick                   # small shape, under 2 minutes on 2 CPU cores
     python benchmarks/bench.py                           # small and GPT-2 small, eager and sdpa (~10-15 minutes)
-    python benchmarks/bench.py --device cuda --dtype bfloat16 --context 1024 --batch 8 --peak-tflops 989
+    python benchmarks/bench.py --device cuda --only bf16-train --shapes gpt2-small --attn sdpa --context 1024 \
+        --batch 16 --steps 8 --compile --peak-tflops 989    # the GPU row: bf16 autocast, compiled, H100's peak
+
+`--only` picks parts (train, bf16-train, generate, decode, memory).
 
 It prints a table with a target column (PASS/MISS) and writes every number and raw sample as JSON (default:
 benchmarks/results/bench-<date>-<time>.json, a folder git ignores; `--json PATH` to choose).
@@ -63,6 +67,7 @@ EOS_ID = 50256  # <|endoftext|>; generation suppresses it until the last token, 
 DECODE_CONTEXTS = (100, 1000)  # tokens of context before the timed decode steps
 DECODE_CONTEXT_LENGTH = 1024  # context length of the models built for the decode measurement
 MODELS = ("scratchgpt", "gpt2")
+SECTIONS = ("train", "bf16-train", "generate", "decode", "memory")  # the parts `--only` can pick
 
 
 @dataclass
@@ -88,7 +93,8 @@ class Settings:
     matmul_n: int = 2048  # side of the square matmul that measures the machine's peak
     matmul_reps: int = 3  # matmuls per timed matmul run
     compile: bool = False
-    peak_tflops: float | None = None
+    peak_tflops: float | None = None  # the device's bfloat16 peak, for the bfloat16 MFU (default: measured)
+    sections: tuple[str, ...] = SECTIONS  # what to measure (`--only`)
     skip_memory: bool = False
     bf16: bool = False  # the bfloat16 rows: on by default where the CPU multiplies bfloat16 (AVX-512 BF16, AMX)
     bf16_loss_steps: int = 50  # steps of float32 and bfloat16 training whose losses are compared
@@ -222,9 +228,10 @@ def median(values: list[float]) -> float:
 # --- 0. the machine's matmul throughput ---------------------------------------------------------------------------
 
 
-def matmul_run(settings: Settings) -> tuple[Callable[[], float], float]:
-    """A timed run of `matmul_reps` square `torch.mm`s in the benchmark's dtype, and the FLOPs it does."""
-    n, dtype = settings.matmul_n, getattr(torch, settings.dtype)
+def matmul_run(settings: Settings, dtype: torch.dtype | None = None) -> tuple[Callable[[], float], float]:
+    """A timed run of `matmul_reps` square `torch.mm`s in `dtype` (default: the benchmark's), and the FLOPs it
+    does."""
+    n, dtype = settings.matmul_n, dtype or getattr(torch, settings.dtype)
     a = torch.randn(n, n, device=settings.device, dtype=dtype)
     b = torch.randn(n, n, device=settings.device, dtype=dtype)
     out = torch.empty(n, n, device=settings.device, dtype=dtype)
@@ -243,7 +250,7 @@ def training_step(model: torch.nn.Module, settings: Settings) -> tuple[Callable[
     """One forward + backward + AdamW step on a fixed random batch, as a timed run; the losses go into the list."""
     generator = torch.Generator().manual_seed(settings.seed)
     batch = torch.randint(0, VOCAB_SIZE, (settings.batch, settings.seq), generator=generator).to(settings.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    optimizer = make_optimizer(model, 1e-4, settings)
     forward = torch.compile(model) if settings.compile else model
     losses = []
 
@@ -256,6 +263,20 @@ def training_step(model: torch.nn.Module, settings: Settings) -> tuple[Callable[
 
     model.train()
     return timed(step, settings.device), losses
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, settings: Settings) -> torch.optim.AdamW:
+    """AdamW as Trainer makes it: fused into one kernel on CUDA (`adamw_torch_fused`)."""
+    fused = True if settings.device.startswith("cuda") else None
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=fused)
+
+
+def peak_flops(measured: float, dtype: torch.dtype, settings: Settings) -> float:
+    """MFU's denominator: `--peak-tflops` for a 16-bit dtype where given (a datasheet's figure is for those), else
+    the matmul throughput measured in the same rounds."""
+    if settings.peak_tflops and dtype in (torch.bfloat16, torch.float16):
+        return settings.peak_tflops * 1e12
+    return measured
 
 
 def measure_training(pair, shape: str, attn: str, settings: Settings) -> list[Row]:
@@ -271,7 +292,7 @@ def measure_training(pair, shape: str, attn: str, settings: Settings) -> list[Ro
     tokens = settings.batch * settings.seq
     tok_s = {name: tokens / median(samples[name]) for name in MODELS}
     matmul_flops_s = matmul_flops / median(samples["matmul"])
-    peak = settings.peak_tflops * 1e12 if settings.peak_tflops else matmul_flops_s
+    peak = peak_flops(matmul_flops_s, getattr(torch, settings.dtype), settings)
     per_token = flops_per_token(pair["scratchgpt"], settings.seq)
     mfu = {name: 100 * per_token * tok_s[name] / peak for name in MODELS}
     first_losses = {name: losses[name][0] for name in MODELS}  # same weights, same batch: the same loss
@@ -422,19 +443,28 @@ def measure_bf16_training(pair, shape: str, attn: str, fp32_rows: list[Row], set
     for name, model in pair.items():
         step, _ = training_step(model, settings)
         steps[name] = lambda step=step: _in_autocast(step, settings)
-    samples = alternate(steps, settings.steps, settings.warmup)
+    matmul, matmul_flops = matmul_run(settings, torch.bfloat16)
+    samples = alternate({**steps, "matmul": matmul}, settings.steps, settings.warmup)
     for model in pair.values():
         model.eval()
     tokens = settings.batch * settings.seq
     tok_s = {name: tokens / median(samples[name]) for name in MODELS}
-    fp32 = next(row for row in fp32_rows if row.measure == "train tokens/s")
-    speedup = {"scratchgpt": tok_s["scratchgpt"] / fp32.scratchgpt, "gpt2": tok_s["gpt2"] / fp32.gpt2}
-    return [
+    matmul_flops_s = matmul_flops / median(samples["matmul"])
+    peak = peak_flops(matmul_flops_s, torch.bfloat16, settings)
+    per_token = flops_per_token(pair["scratchgpt"], settings.seq)
+    mfu = {name: 100 * per_token * tok_s[name] / peak for name in MODELS}
+    rows = [
         Row(shape, attn, "bf16 train tokens/s", "tok/s", tok_s["scratchgpt"], tok_s["gpt2"],
             tok_s["scratchgpt"] / tok_s["gpt2"], samples={"seconds": samples}),
-        Row(shape, attn, "bf16 / fp32 train tokens/s", "x", speedup["scratchgpt"], speedup["gpt2"],
-            speedup["scratchgpt"] / speedup["gpt2"]),
+        Row(shape, attn, "bf16 train MFU", "%", mfu["scratchgpt"], mfu["gpt2"], mfu["scratchgpt"] / mfu["gpt2"],
+            samples={"flops_per_token": per_token, "n_params": flop_params(pair["scratchgpt"]),
+                     "matmul_gflops": matmul_flops_s / 1e9, "peak_gflops": peak / 1e9}),
     ]
+    for fp32 in (row for row in fp32_rows if row.measure == "train tokens/s"):  # where float32 was measured too
+        speedup = {"scratchgpt": tok_s["scratchgpt"] / fp32.scratchgpt, "gpt2": tok_s["gpt2"] / fp32.gpt2}
+        rows.append(Row(shape, attn, "bf16 / fp32 train tokens/s", "x", speedup["scratchgpt"], speedup["gpt2"],
+                        speedup["scratchgpt"] / speedup["gpt2"]))
+    return rows
 
 
 def _in_autocast(step: Callable[[], float], settings: Settings) -> float:
@@ -448,7 +478,7 @@ def measure_bf16_loss(shape: str, attn: str, settings: Settings) -> Row:
     losses = {}
     for bf16 in (False, True):
         model = build_scratchgpt(shape, settings.context, attn, settings).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+        optimizer = make_optimizer(model, 3e-4, settings)
         generator = torch.Generator().manual_seed(settings.seed)
         losses[bf16] = []
         for _ in range(settings.bf16_loss_steps):
@@ -612,8 +642,11 @@ def target_for(row: Row, settings: Settings) -> Target | None:
     if row.measure == "train tokens/s" and row.shape in ("small", "gpt2-small"):
         threshold = 1.10 if row.shape == "small" else 1.0
         return Target("ratio", ">=", threshold, f">= {threshold:.2f}x")
-    if row.measure == "train MFU" and row.shape == "gpt2-small":
+    cuda = settings.device.startswith("cuda")
+    if row.measure == "train MFU" and row.shape == "gpt2-small" and not cuda:
         return Target("scratchgpt", ">=", 65.0, ">= 65%")
+    if row.measure == "bf16 train MFU" and row.shape == "gpt2-small" and cuda:  # llm.c, nanoGPT: 35-40% on an H100
+        return Target("scratchgpt", ">=", 45.0, ">= 45%")
     if row.measure == "generate tokens/s, batch 1":
         return Target("ratio", ">=", 1.2, ">= 1.20x")
     if row.measure.startswith("decode growth"):
@@ -717,20 +750,27 @@ def describe_machine(env: dict) -> str:
 
 
 def print_notes(settings: Settings, rows: list[Row]) -> None:
-    mfu = [row for row in rows if row.measure == "train MFU"]
-    matmul = ", ".join(f"{row.shape}/{row.attn} {row.samples['matmul_gflops']:.0f}" for row in mfu)
-    peak = f"--peak-tflops {settings.peak_tflops}" if settings.peak_tflops else "the measured matmul"
-    n_params = ", ".join(f"{row.shape} {row.samples['n_params']:,}" for row in mfu if row.attn == settings.attns[0])
     print()
-    print(f"matmul {settings.matmul_n}x{settings.matmul_n} {settings.dtype}, GFLOP/s measured between the training"
-          f" runs: {matmul}")
-    print(f"MFU = (6 N + 12 n_layers emb_dim T) x tokens/s / peak, peak = {peak}; N = all parameters but the position"
-          f" embeddings, tied head once ({n_params})")
-    print(f"train: forward + backward + AdamW step, batch {settings.batch} x {settings.seq} tokens, median of"
-          f" {settings.steps} steps per model after {settings.warmup} warm-up, alternating")
-    print(f"generate: greedy, KV cache, {settings.gen_prompt}-token prompt + {settings.gen_new} new tokens, whole call"
-          f" timed; decode: median gap between tokens of {settings.decode_new} after a 100 or 1,000-token prompt,"
-          f" models of context {DECODE_CONTEXT_LENGTH}")
+    mfu = [row for row in rows if row.measure.endswith("train MFU")]
+    if mfu:
+        for measure, dtype in (("train MFU", settings.dtype), ("bf16 train MFU", "bfloat16")):
+            matmul = ", ".join(f"{row.shape}/{row.attn} {row.samples['matmul_gflops']:,.0f}"
+                               for row in rows if row.measure == measure)
+            if matmul:
+                print(f"matmul {settings.matmul_n}x{settings.matmul_n} {dtype}, GFLOP/s measured between the"
+                      f" training runs: {matmul}")
+        peak = f"--peak-tflops {settings.peak_tflops} for 16-bit rows, else " if settings.peak_tflops else ""
+        n_params = ", ".join(dict.fromkeys(f"{row.shape} {row.samples['n_params']:,}" for row in mfu))
+        print(f"MFU = (6 N + 12 n_layers emb_dim T) x tokens/s / peak, peak = {peak}the measured matmul of the row's"
+              f" dtype; N = all parameters but the position embeddings, tied head once ({n_params})")
+    if mfu:
+        compiled = ", torch.compile'd" if settings.compile else ""
+        print(f"train{compiled}: forward + backward + AdamW step, batch {settings.batch} x {settings.seq} tokens,"
+              f" median of {settings.steps} steps per model after {settings.warmup} warm-up, alternating")
+    if {"generate", "decode"} & set(settings.sections):
+        print(f"generate: greedy, KV cache, {settings.gen_prompt}-token prompt + {settings.gen_new} new tokens, whole call"
+              f" timed; decode: median gap between tokens of {settings.decode_new} after a 100 or 1,000-token"
+              f" prompt, models of context {DECODE_CONTEXT_LENGTH}")
     if any(row.measure == "train peak memory" for row in rows):
         how = ("torch.cuda.max_memory_allocated" if settings.device.startswith("cuda") else
                "peak resident size (VmHWM, reset before the step) with malloc returning freed blocks to the system")
@@ -744,7 +784,7 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
     if settings.bf16:
         print(f"bf16: training under torch.autocast(bfloat16) with float32 weights (Trainer's --bf16); decoding with"
               f" the weights cast to bfloat16; losses of {settings.bf16_loss_steps} steps from the same start"
-              f"{'' if settings.amx else '; no AMX here, so the bf16 speed targets do not apply'}")
+              f"{'' if settings.amx or settings.device != 'cpu' else '; no AMX here, so the bf16 speed targets do not apply'}")
     choices = decode_linear_choices()
     if choices:
         print("DecodeLinear, measured at first use (rows x out x in, dtype: way):",
@@ -753,7 +793,7 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
     # the first training run of each shape: later ones start from weights that bf16 training moved apart
     losses = [row.samples["first_loss"] for row in rows
               if "first_loss" in row.samples and row.attn == settings.attns[0]]
-    if losses:
+    if losses and same:
         gap = max(abs(loss["scratchgpt"] - loss["gpt2"]) for loss in losses)
         print(f"checks: first training losses differ by at most {gap:.2e}; {100 * statistics.mean(same):.0f}% of the"
               " greedy tokens are the same (random weights: near-ties that rounding can flip)")
@@ -789,6 +829,7 @@ def parse_args(argv=None) -> tuple[Settings, str | None]:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models for training")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU instead of the measured matmul")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory measurements")
+    parser.add_argument("--only", help=f"comma-separated parts to measure, of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                         help="bfloat16 rows (default: where the CPU has AVX-512 BF16 or AMX, or on CUDA)")
     args = parser.parse_args(argv)
@@ -797,13 +838,19 @@ def parse_args(argv=None) -> tuple[Settings, str | None]:
     unknown = [shape for shape in shapes if shape not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {', '.join(SHAPES)}")
+    sections = tuple(args.only.split(",")) if args.only else SECTIONS
+    unknown = [section for section in sections if section not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown part(s) {unknown} for --only; choose from {', '.join(SECTIONS)}")
     settings = Settings(shapes=shapes, attns=args.attn.split(","), device=args.device, dtype=args.dtype,
                         context=args.context, compile=args.compile, peak_tflops=args.peak_tflops,
-                        skip_memory=args.skip_memory)
+                        skip_memory=args.skip_memory, sections=sections)
     flags = cpu_description()["flags"]
     settings.amx = settings.device == "cpu" and "amx_bf16" in flags
     bf16_hardware = settings.device.startswith("cuda") or "amx_bf16" in flags or "avx512_bf16" in flags
     settings.bf16 = (bf16_hardware if args.bf16 is None else args.bf16) and settings.dtype == "float32"
+    if settings.device.startswith("cuda"):
+        settings.matmul_n = 8192  # a GPU's peak needs a large product (2,048 is done in microseconds)
     if args.quick:
         settings.batch, settings.steps, settings.warmup = 2, 3, 1
         settings.gen_new, settings.decode_new, settings.decode_rounds, settings.matmul_reps = 16, 12, 2, 2
@@ -826,33 +873,35 @@ def main(argv=None) -> None:
     print(f"ScratchGPT vs GPT2LMHeadModel on {env['device']}, {settings.dtype}: {describe_machine(env)}", flush=True)
 
     rows: list[Row] = []
+    sections = settings.sections
     for shape in settings.shapes:
         pair = build_pair(shape, settings.context, settings.attns[0], settings)
         for attn in settings.attns:
             set_attn(pair, attn)
-            training = measure_training(pair, shape, attn, settings)
+            training = measure_training(pair, shape, attn, settings) if "train" in sections else []
             rows += training
-            if settings.bf16:
+            if settings.bf16 and "bf16-train" in sections:
                 rows += measure_bf16_training(pair, shape, attn, training, settings)
-            rows += [measure_generation(pair, shape, attn, batch, settings) for batch in settings.gen_batches]
+            if "generate" in sections:
+                rows += [measure_generation(pair, shape, attn, batch, settings) for batch in settings.gen_batches]
             print(f"  [{time.perf_counter() - start:5.0f}s] {shape} {attn}: training and generation done", flush=True)
-        if settings.context < DECODE_CONTEXT_LENGTH:
-            del pair
-            gc.collect()
-            pair = build_pair(shape, DECODE_CONTEXT_LENGTH, settings.attns[0], settings)
-        for attn in settings.attns:
-            set_attn(pair, attn)
-            decode = measure_decode(pair, shape, attn, settings)
-            rows += decode
-            if settings.bf16:
-                rows += measure_bf16_decode(pair, shape, attn, settings)
+        if "decode" in sections:
+            if settings.context < DECODE_CONTEXT_LENGTH:
+                del pair
+                gc.collect()
+                pair = build_pair(shape, DECODE_CONTEXT_LENGTH, settings.attns[0], settings)
+            for attn in settings.attns:
+                set_attn(pair, attn)
+                rows += measure_decode(pair, shape, attn, settings)
+                if settings.bf16:
+                    rows += measure_bf16_decode(pair, shape, attn, settings)
+            print(f"  [{time.perf_counter() - start:5.0f}s] {shape}: decode done", flush=True)
         del pair
         gc.collect()
-        print(f"  [{time.perf_counter() - start:5.0f}s] {shape}: decode done", flush=True)
-        if settings.bf16:
+        if settings.bf16 and "bf16-train" in sections:
             rows.append(measure_bf16_loss(shape, settings.attns[0], settings))
             print(f"  [{time.perf_counter() - start:5.0f}s] {shape}: bf16 losses done", flush=True)
-        if not settings.skip_memory:
+        if "memory" in sections and not settings.skip_memory:
             rows += measure_memory(shape, settings)
             rows += measure_generate_memory(shape, settings)
             print(f"  [{time.perf_counter() - start:5.0f}s] {shape}: memory done", flush=True)

@@ -316,7 +316,7 @@ def _check_kwargs(kwargs: dict) -> None:
     """Refuse a keyword no part of ScratchGPT reads, as Python does for a plain function: the blocks take `**kwargs`
     only for transformers' model-agnostic ones (`TransformersKwargs`: output flags, flash attention's packed-sequence
     lengths, ...), so anything else would be dropped without a word."""
-    unknown = kwargs.keys() - TransformersKwargs.__optional_keys__
+    unknown = [key for key in kwargs if key not in TransformersKwargs.__optional_keys__]  # torch.compile traces it
     if unknown:
         raise TypeError(f"ScratchGPT's forward() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
 

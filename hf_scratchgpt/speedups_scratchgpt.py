@@ -207,21 +207,31 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     The matmuls run in autocast's dtype when it is on (bfloat16 under `--bf16`), else in the weight's, like the
     plain path's; the softmax in float32. The weight's gradient is summed over the chunks in float32.
+
+    `pad_to`: the vocabulary is padded with zero rows to a multiple of it, whose logits are set to -inf (no share
+    of the softmax, no gradient). GPT-2's 50,257 makes rows of logits whose bytes are not a multiple of 16, which
+    keeps cuBLAS off its fastest tensor-core kernels; `chunked_causal_lm_loss` pads to 64 on CUDA (as nanoGPT's
+    vocabulary of 50,304 does), not on the CPU (MKL measured the same either way, and the copy costs memory).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):  # hidden (N, C), weight (V, C), labels (N,)
+    def forward(ctx, hidden, weight, labels, chunk_size, pad_to=1):  # hidden (N, C), weight (V, C), labels (N,)
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         hidden_in, weight_in = hidden.to(dtype), weight.to(dtype)  # autocast skips `out=` and in-place matmuls
+        vocab, pad = weight.shape[0], -weight.shape[0] % pad_to
+        if pad:
+            weight_in = F.pad(weight_in, (0, 0, 0, pad))  # (V + pad, C)
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight_in, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden_in[start : start + chunk_size], labels[start : start + chunk_size]
             valid = (y != -100).unsqueeze(1)  # (n, 1)
             target = y.clamp(min=0).unsqueeze(1)  # (n, 1), ignored rows point at token 0 and are masked
-            logits = (h @ weight_in.T).float()  # (n, V)
+            logits = (h @ weight_in.T).float()  # (n, V + pad)
+            if pad:
+                logits[:, vocab:] = float("-inf")
             target_logits = logits.gather(1, target)  # (n, 1)
             row_max = logits.amax(dim=-1, keepdim=True)
             exps = logits.sub_(row_max).exp_()  # in place: one (n, V) buffer all along
@@ -238,7 +248,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             elif grad_weight is not None:
                 grad_weight += grad_logits.T @ h  # a bfloat16 product, summed in float32
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight[:vocab].to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -247,7 +257,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
         grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunked_causal_lm_loss(
@@ -261,7 +271,8 @@ def chunked_causal_lm_loss(
     if targets is None:  # position t predicts token t + 1; the last predicts nothing
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B * T, C)
-    loss_sum = ChunkedLinearCrossEntropy.apply(hidden, weight, targets.reshape(-1), chunk_size)
+    pad_to = 64 if hidden.device.type == "cuda" else 1  # see ChunkedLinearCrossEntropy
+    loss_sum = ChunkedLinearCrossEntropy.apply(hidden, weight, targets.reshape(-1), chunk_size, pad_to)
     denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return loss_sum / denominator
 
