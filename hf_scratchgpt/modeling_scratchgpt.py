@@ -35,7 +35,13 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_scratchgpt import ScratchGPTConfig
-from .speedups_scratchgpt import DecodeLinear, KVCache, chunked_causal_lm_loss, packed_sdpa_attention
+from .speedups_scratchgpt import (
+    DecodeLinear,
+    KVCache,
+    chunked_causal_lm_loss,
+    decode_sdpa_attention,
+    packed_sdpa_attention,
+)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -135,6 +141,8 @@ class MultiHeadAttention(nn.Module):
         )
         if self.config._attn_implementation == "sdpa" and kwargs.get("cu_seq_lens_q") is not None:
             attention_interface = packed_sdpa_attention  # packed sequences, each attended alone (speedups)
+        elif self.config._attn_implementation == "sdpa" and T == 1:
+            attention_interface = decode_sdpa_attention  # a decode step (speedups)
         out, weights = attention_interface(
             self,
             query,

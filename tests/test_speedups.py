@@ -18,6 +18,7 @@ from hf_scratchgpt.speedups_scratchgpt import (
     DecodeLinear,
     KVCache,
     chunked_causal_lm_loss,
+    decode_sdpa_attention,
 )
 
 
@@ -138,8 +139,10 @@ def assert_bf16_products_as_close_as_f_linear(kernel, layer, x):
 
 
 @pytest.mark.slow
-# every remainder of out_features by the blocks of four rows; 777: not a multiple of 16 or 32
-@pytest.mark.parametrize("out_features, in_features", [(5001, 256), (1001, 777), (1002, 777), (1003, 64), (1004, 32)])
+# every remainder of out_features by the kernel's blocks of 12 rows; 777: not a multiple of 16 or 32
+@pytest.mark.parametrize(
+    "out_features, in_features", [(5001, 256)] + [(1000 + r, (777, 64, 32, 256)[r % 4]) for r in range(12)]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_decode_kernel_gives_the_linear_result(kernel, two_threads, out_features, in_features, bias):
     torch.manual_seed(0)
@@ -380,3 +383,49 @@ def test_chunked_loss_in_bfloat16_is_as_close_to_float32_as_the_plain_path(case)
         assert relative_error(ours, expected) <= 1.5 * relative_error(theirs, expected) + 1e-6, name
     if autocast:  # the matmuls ran in bfloat16: not float32's result to the last bit
         assert relative_error(chunked[2], reference[2]) > 1e-4
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("upcast", [False, True])
+def test_decode_sdpa_attention_gives_sdpa_result_either_way(monkeypatch, mask, upcast):
+    """One bfloat16 query per sequence over 40 keys, 2 sequences, the second padded on the left by 5."""
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 4, n, 16).bfloat16() for n in (1, 40, 40))
+    keep = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    keep[1, ..., :5] = False
+    masks = {None: None, "bool": keep, "float": torch.zeros(keep.shape).masked_fill(~keep, -1e9).bfloat16()}
+    shape = (2, 4, (40).bit_length(), torch.bfloat16, torch.get_num_threads())
+    monkeypatch.setattr(speedups_scratchgpt, "DECODE_SDPA_UPCAST_IS_FASTER", {shape: upcast})
+    module = torch.nn.Module().eval()
+    out, _ = decode_sdpa_attention(module, query, key, value, masks[mask], scaling=0.25)
+    exact = F.scaled_dot_product_attention(
+        query.double(), key.double(), value.double(), attn_mask=None if mask is None else keep, scale=0.25
+    ).transpose(1, 2)  # (B, T, nh, hs), as transformers' attention returns it
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 4, 16)
+    torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fast", ["bfloat16", "float32"])
+def test_decode_sdpa_attention_runs_the_dtype_measured_faster_once_per_shape(monkeypatch, fast):
+    monkeypatch.setattr(speedups_scratchgpt, "DECODE_SDPA_UPCAST_IS_FASTER", {})
+    real = speedups_scratchgpt.sdpa_attention_forward
+    dtypes = []
+
+    def sdpa(module, query, *args, **kwargs):  # the dtype not measured faster made 2 ms slower
+        dtypes.append(query.dtype)
+        if str(query.dtype).removeprefix("torch.") != fast:
+            time.sleep(0.002)
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(speedups_scratchgpt, "sdpa_attention_forward", sdpa)
+    query, key, value = (torch.randn(1, 4, n, 16).bfloat16() for n in (1, 40, 40))
+    module = torch.nn.Module().eval()
+    decode_sdpa_attention(module, query, key, value, None, scaling=0.25)
+    assert speedups_scratchgpt.DECODE_SDPA_UPCAST_IS_FASTER == {
+        (1, 4, 6, torch.bfloat16, torch.get_num_threads()): fast == "float32"
+    }
+    dtypes.clear()
+    decode_sdpa_attention(module, query, key[:, :, :35], value[:, :, :35], None, scaling=0.25)  # 35 keys: 6 bits too
+    assert dtypes == [getattr(torch, fast)]  # one call, not measured again
+    decode_sdpa_attention(module, query.float(), key.float(), value.float(), None, scaling=0.25)  # float32: as it is
+    assert dtypes[-1] == torch.float32 and len(speedups_scratchgpt.DECODE_SDPA_UPCAST_IS_FASTER) == 1
