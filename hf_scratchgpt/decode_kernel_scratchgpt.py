@@ -2,11 +2,12 @@
 
 A decode step multiplies every weight matrix by one vector per sequence, so its time is the time to read the
 weights. BLAS libraries read them well below the machine's bandwidth there (MKL's fp32 product reads about 17 GB/s
-on an AMD EPYC that reads 50-80 GB/s, and bfloat16 weights no faster). The kernel below streams twelve weight rows
-at a time against every row of the input, all threads each on their own rows of the weight: each weight is read once,
-whatever the number of sequences. It is C++ with the compilers' vector extensions, built by PyTorch's own
-`torch.utils.cpp_extension` with `-march=native` for the machine at hand (about 20 s once, then loaded from
-`TORCH_EXTENSIONS_DIR`); where it cannot be built (no compiler, no OpenMP) decoding goes on without it.
+on an AMD EPYC that reads 50-80 GB/s, and bfloat16 weights no faster). The kernel below reads the weight rows in
+order, each against every row of the input, asking for the weights a few kilobytes ahead of its reads, all threads
+each on their own rows: each weight is read from memory once, whatever the number of sequences. It is C++ with the
+compilers' vector extensions, built by PyTorch's own `torch.utils.cpp_extension` with `-march=native` for the
+machine at hand (about 20 s once, then loaded from `TORCH_EXTENSIONS_DIR`); where it cannot be built (no compiler, no
+OpenMP) decoding goes on without it.
 `DecodeLinear` (in `speedups_scratchgpt.py`) times it against the other ways and takes it only where it is faster.
 Set `SCRATCHGPT_DECODE_KERNEL=0` to never build or use it.
 
@@ -123,33 +124,38 @@ struct BF16 {
   static uint16_t from_float(float v) { return float_to_bf16(v); }
 };
 
-// Weight rows streamed at a time: more reads in flight per thread. GPT-2 small's 49 products, on an AMD EPYC (Zen 5)
-// whose `sum` reads 45-50 GB/s: 12 rows read bfloat16 weights at 39-41 GB/s where 4 read 30-31 (float32: 40-42
-// against 39); built for AVX2 only, 34 against 24 (float32: 38 against 26). GPT-2's 768, 2,304 and 3,072 features
-// are multiples of 12.
-constexpr int64_t kRows = 12;
+// How far ahead of its reads a thread asks for the weights (software prefetch, one request per 64 bytes read): the
+// hardware's prefetchers alone kept GPT-2 small's products at 46 GB/s (float32) and 41-42 (bfloat16), below the 50
+// that `sum` reads; 4-8 KB ahead they read 53-54, on an AMD EPYC (Zen 5). A prefetch never faults past the end.
+constexpr int64_t kPrefetchBytes = 8192;
 
-// y[r, o] = x[r] . w[o] (+ bias[o]) for the weight rows o in [begin, end): kRows at a time, each against every row
-// of x, so each weight comes from memory once (x stays in the L1 cache). `x_row` is a row of x as `prepare` made it.
+// y[r, o] = x[r] . w[o] (+ bias[o]) for the weight rows o in [begin, end), one after another as they lie in memory,
+// each against every row of x (a weight row is read from memory once, then from the L1 cache). Four sums a row, so
+// the additions overlap. `x` holds the rows of x as `prepare` made them.
 template <typename K>
 void weight_rows(const typename K::T* w, const void* x, int64_t x_row_bytes, const typename K::T* bias,
                  typename K::T* y, int64_t rows, int64_t out, int64_t in, int64_t begin, int64_t end) {
-  const int64_t whole = in - in % K::kStep;
-  for (int64_t o = begin; o < end; o += kRows) {
-    const int64_t n = std::min<int64_t>(kRows, end - o);
-    const typename K::T* wr[kRows];
-    for (int64_t j = 0; j < kRows; ++j) wr[j] = w + (o + std::min(j, n - 1)) * in;  // past the end: the last again
+  const int64_t by_four = in - in % (4 * K::kStep), whole = in - in % K::kStep;
+  for (int64_t o = begin; o < end; ++o) {
+    const typename K::T* wr = w + o * in;
     for (int64_t r = 0; r < rows; ++r) {
       const void* xr = static_cast<const char*>(x) + r * x_row_bytes;
-      f16v acc[kRows] = {};
-      for (int64_t k = 0; k < whole; k += K::kStep)
-        for (int64_t j = 0; j < kRows; ++j) acc[j] = K::dot(wr[j], xr, k, acc[j]);
-      float sums[kRows];
-      for (int64_t j = 0; j < kRows; ++j) sums[j] = hsum(acc[j]);
-      for (int64_t j = 0; j < n; ++j) {
-        for (int64_t k = whole; k < in; ++k) sums[j] += K::tail(wr[j], xr, k);
-        y[r * out + o + j] = K::from_float(sums[j] + (bias ? K::to_float(bias[o + j]) : 0.f));
+      f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      int64_t k = 0;
+      for (; k < by_four; k += 4 * K::kStep) {
+        if (r == 0) {
+          const char* ahead = reinterpret_cast<const char*>(wr + k) + kPrefetchBytes;
+          for (int line = 0; line < 4; ++line) __builtin_prefetch(ahead + 64 * line, 0, 0);
+        }
+        a0 = K::dot(wr, xr, k, a0);
+        a1 = K::dot(wr, xr, k + K::kStep, a1);
+        a2 = K::dot(wr, xr, k + 2 * K::kStep, a2);
+        a3 = K::dot(wr, xr, k + 3 * K::kStep, a3);
       }
+      for (; k < whole; k += K::kStep) a0 = K::dot(wr, xr, k, a0);
+      float sum = hsum((a0 + a1) + (a2 + a3));
+      for (; k < in; ++k) sum += K::tail(wr, xr, k);
+      y[r * out + o] = K::from_float(sum + (bias ? K::to_float(bias[o]) : 0.f));
     }
   }
 }
@@ -164,8 +170,8 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const tor
   const auto* b = bias.defined() ? reinterpret_cast<const typename K::T*>(bias.data_ptr<Scalar>()) : nullptr;
   torch::Tensor y = torch::empty({rows, out}, x.options());
   auto* yp = reinterpret_cast<typename K::T*>(y.data_ptr<Scalar>());
-  at::parallel_for(0, (out + kRows - 1) / kRows, 4, [&](int64_t first, int64_t last) {  // blocks of kRows rows
-    weight_rows<K>(w, xp, x_row_bytes, b, yp, rows, out, in, kRows * first, std::min(out, kRows * last));
+  at::parallel_for(0, out, 64, [&](int64_t first, int64_t last) {  // each thread its own rows of the weight
+    weight_rows<K>(w, xp, x_row_bytes, b, yp, rows, out, in, first, last);
   });
   return y;
 }

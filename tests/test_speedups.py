@@ -139,10 +139,9 @@ def assert_bf16_products_as_close_as_f_linear(kernel, layer, x):
 
 
 @pytest.mark.slow
-# every remainder of out_features by the kernel's blocks of 12 rows; 777: not a multiple of 16 or 32
-@pytest.mark.parametrize(
-    "out_features, in_features", [(5001, 256)] + [(1000 + r, (777, 64, 32, 256)[r % 4]) for r in range(12)]
-)
+# The kernel takes in_features four vectors of 16 floats (or 32 bfloat16) at a time, then one vector at a time, then
+# one value: 777 = 12 x 64 + 9 (float32) = 6 x 128 + 9 (bfloat16); 336 = 5 x 64 + 16 = 2 x 128 + 2 x 32 + 16
+@pytest.mark.parametrize("out_features, in_features", [(5001, 256), (1001, 777), (1002, 336), (1003, 64), (1004, 32)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_decode_kernel_gives_the_linear_result(kernel, two_threads, out_features, in_features, bias):
     torch.manual_seed(0)
