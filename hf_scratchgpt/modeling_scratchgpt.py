@@ -136,12 +136,11 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:  # append this step's keys and values; get back all of them so far
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        if self.config._attn_implementation == "sdpa" and kwargs.get("cu_seq_lens_q") is not None:
+        implementation = self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if implementation == "sdpa" and kwargs.get("cu_seq_lens_q") is not None:
             attention_interface = packed_sdpa_attention  # packed sequences, each attended alone (speedups)
-        elif self.config._attn_implementation == "sdpa" and T == 1:
+        elif implementation == "sdpa" and T == 1:
             attention_interface = decode_sdpa_attention  # a decode step (speedups)
         out, weights = attention_interface(
             self,
