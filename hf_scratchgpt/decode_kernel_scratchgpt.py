@@ -176,19 +176,23 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const tor
   return y;
 }
 
-// x (rows, in) @ weight (out, in).T + bias: float32 or bfloat16, all three alike; float32 sums.
+// x (..., in) @ weight (out, in).T + bias -> (..., out), as F.linear: float32 or bfloat16, all three alike; float32
+// sums.
 torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   pybind11::gil_scoped_release no_gil;  // as torch's own operators do: other Python threads run meanwhile
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "decode_linear: shapes do not fit");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "decode_linear: shapes do not fit");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear: CPU tensors only");
   const auto dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_linear: float32 or bfloat16 weights only");
   TORCH_CHECK(x.scalar_type() == dtype, "decode_linear: x and the weight differ in dtype");
   torch::Tensor b = bias.has_value() && bias->defined() ? bias->to(dtype).contiguous() : torch::Tensor();
   TORCH_CHECK(!b.defined() || (b.is_cpu() && b.numel() == weight.size(0)), "decode_linear: the bias does not fit");
-  x = x.contiguous();
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = weight.size(0);
+  x = x.reshape({-1, weight.size(1)}).contiguous();
   weight = weight.contiguous();
-  return dtype == at::kFloat ? run<F32, float>(x, weight, b) : run<BF16, at::BFloat16>(x, weight, b);
+  torch::Tensor y = dtype == at::kFloat ? run<F32, float>(x, weight, b) : run<BF16, at::BFloat16>(x, weight, b);
+  return y.view(out_sizes);
 }
 
 }  // namespace
