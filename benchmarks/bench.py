@@ -645,8 +645,8 @@ def target_for(row: Row, settings: Settings) -> Target | None:
     cuda = settings.device.startswith("cuda")
     if row.measure == "train MFU" and row.shape == "gpt2-small" and not cuda:
         return Target("scratchgpt", ">=", 65.0, ">= 65%")
-    if row.measure == "bf16 train MFU" and row.shape == "gpt2-small" and cuda:  # llm.c, nanoGPT: 35-40% on an H100
-        return Target("scratchgpt", ">=", 45.0, ">= 45%")
+    if row.measure == "bf16 train MFU" and row.shape == "gpt2-small" and cuda and settings.peak_tflops:
+        return Target("scratchgpt", ">=", 45.0, ">= 45%")  # of the datasheet's peak, as llm.c and nanoGPT count
     if row.measure == "generate tokens/s, batch 1":
         return Target("ratio", ">=", 1.2, ">= 1.20x")
     if row.measure.startswith("decode growth"):
@@ -827,7 +827,8 @@ def parse_args(argv=None) -> tuple[Settings, str | None]:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda when there is one")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile both models for training")
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU instead of the measured matmul")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's 16-bit peak, for the MFU of bf16 rows instead of the measured matmul")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory measurements")
     parser.add_argument("--only", help=f"comma-separated parts to measure, of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
@@ -849,6 +850,9 @@ def parse_args(argv=None) -> tuple[Settings, str | None]:
     settings.amx = settings.device == "cpu" and "amx_bf16" in flags
     bf16_hardware = settings.device.startswith("cuda") or "amx_bf16" in flags or "avx512_bf16" in flags
     settings.bf16 = (bf16_hardware if args.bf16 is None else args.bf16) and settings.dtype == "float32"
+    if "bf16-train" in sections and args.only and not settings.bf16:
+        parser.error("--only bf16-train, but the bfloat16 rows are off (no AVX-512 BF16 or AMX here, --no-bf16, or"
+                     " --dtype other than float32); add --bf16 to measure them anyway")
     if settings.device.startswith("cuda"):
         settings.matmul_n = 8192  # a GPU's peak needs a large product (2,048 is done in microseconds)
     if args.quick:

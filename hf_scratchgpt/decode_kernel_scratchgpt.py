@@ -143,9 +143,10 @@ void weight_rows(const typename K::T* w, const void* x, int64_t x_row_bytes, con
       f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};
       int64_t k = 0;
       for (; k < by_four; k += 4 * K::kStep) {
-        if (r == 0) {
-          const char* ahead = reinterpret_cast<const char*>(wr + k) + kPrefetchBytes;
-          for (int line = 0; line < 4; ++line) __builtin_prefetch(ahead + 64 * line, 0, 0);
+        if (r == 0) {  // as an integer: a pointer past the end of the weight would be undefined
+          const uintptr_t ahead = reinterpret_cast<uintptr_t>(wr + k) + kPrefetchBytes;
+          for (int line = 0; line < 4; ++line)
+            __builtin_prefetch(reinterpret_cast<const void*>(ahead + 64 * line), 0, 0);
         }
         a0 = K::dot(wr, xr, k, a0);
         a1 = K::dot(wr, xr, k + K::kStep, a1);
@@ -180,7 +181,8 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const tor
 // sums.
 torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   pybind11::gil_scoped_release no_gil;  // as torch's own operators do: other Python threads run meanwhile
-  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "decode_linear: shapes do not fit");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1) && weight.size(1) > 0,
+              "decode_linear: shapes do not fit");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear: CPU tensors only");
   const auto dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_linear: float32 or bfloat16 weights only");

@@ -304,7 +304,13 @@ def decode_sdpa_attention(
     power-of-two number of keys, as `DecodeLinear` measures its ways; the answers are kept in
     `DECODE_SDPA_UPCAST_IS_FASTER`.
     """
-    if query.device.type != "cpu" or query.dtype == torch.float32 or torch.compiler.is_compiling():
+    if (
+        query.dtype not in (torch.bfloat16, torch.float16)
+        or not query.is_cpu
+        or dropout > 0  # training: timing runs would draw dropout masks
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     shape = (*key.shape[:2], key.shape[-2].bit_length(), query.dtype, torch.get_num_threads())
     if shape not in DECODE_SDPA_UPCAST_IS_FASTER:

@@ -17,6 +17,7 @@ from hf_scratchgpt.speedups_scratchgpt import (
     ChunkedLinearCrossEntropy,
     DecodeLinear,
     KVCache,
+    _decode_sdpa,
     chunked_causal_lm_loss,
     decode_sdpa_attention,
 )
@@ -187,10 +188,11 @@ def test_decode_kernel_bf16_without_avx512_bf16(kernel, two_threads):
     path every other CPU takes (each 16-bit half of a word turned into a float32), which must be as close."""
     portable = build_decode_kernel(("-mno-avx512bf16",))
     torch.manual_seed(0)
-    layer = DecodeLinear(777, 1001)
-    for rows in (1, 3, 16):
-        with torch.no_grad():
-            assert_bf16_products_as_close_as_f_linear(portable, layer, torch.randn(rows, 777))
+    for in_features in (777, 336):  # 336: the single-vector loop after the fours (see the test above)
+        layer = DecodeLinear(in_features, 1001)
+        for rows in (1, 3, 16):
+            with torch.no_grad():
+                assert_bf16_products_as_close_as_f_linear(portable, layer, torch.randn(rows, in_features))
 
 
 def slowed(way, seconds=0.02):  # far longer than any way takes, even on a busy machine
@@ -389,6 +391,13 @@ def test_chunked_loss_in_bfloat16_is_as_close_to_float32_as_the_plain_path(case)
         assert relative_error(chunked[2], reference[2]) > 1e-4
 
 
+@pytest.fixture
+def decoding():
+    """Gradients off, as in generate()."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 @pytest.mark.parametrize("upcast", [False, True])
 def test_decode_sdpa_attention_gives_sdpa_result_either_way(monkeypatch, mask, upcast):
@@ -401,7 +410,9 @@ def test_decode_sdpa_attention_gives_sdpa_result_either_way(monkeypatch, mask, u
     shape = (2, 4, (40).bit_length(), torch.bfloat16, torch.get_num_threads())
     monkeypatch.setattr(speedups_scratchgpt, "DECODE_SDPA_UPCAST_IS_FASTER", {shape: upcast})
     module = torch.nn.Module().eval()
-    out, _ = decode_sdpa_attention(module, query, key, value, masks[mask], scaling=0.25)
+    with torch.no_grad(), mock.patch.object(speedups_scratchgpt, "_decode_sdpa", wraps=_decode_sdpa) as run:
+        out, _ = decode_sdpa_attention(module, query, key, value, masks[mask], scaling=0.25)
+    assert run.call_args.args[-1] is upcast  # the way asked for is the way taken
     exact = F.scaled_dot_product_attention(
         query.double(), key.double(), value.double(), attn_mask=None if mask is None else keep, scale=0.25
     ).transpose(1, 2)  # (B, T, nh, hs), as transformers' attention returns it
@@ -410,7 +421,7 @@ def test_decode_sdpa_attention_gives_sdpa_result_either_way(monkeypatch, mask, u
 
 
 @pytest.mark.parametrize("fast", ["bfloat16", "float32"])
-def test_decode_sdpa_attention_runs_the_dtype_measured_faster_once_per_shape(monkeypatch, fast):
+def test_decode_sdpa_attention_runs_the_dtype_measured_faster_once_per_shape(monkeypatch, decoding, fast):
     monkeypatch.setattr(speedups_scratchgpt, "DECODE_SDPA_UPCAST_IS_FASTER", {})
     real = speedups_scratchgpt.sdpa_attention_forward
     dtypes = []
@@ -433,3 +444,48 @@ def test_decode_sdpa_attention_runs_the_dtype_measured_faster_once_per_shape(mon
     assert dtypes == [getattr(torch, fast)]  # one call, not measured again
     decode_sdpa_attention(module, query.float(), key.float(), value.float(), None, scaling=0.25)  # float32: as it is
     assert dtypes[-1] == torch.float32 and len(speedups_scratchgpt.DECODE_SDPA_UPCAST_IS_FASTER) == 1
+
+
+def test_decode_sdpa_attention_leaves_float32_float64_and_training_alone(monkeypatch):
+    monkeypatch.setattr(speedups_scratchgpt, "DECODE_SDPA_UPCAST_IS_FASTER", {})
+    module = torch.nn.Module()
+    for dtype in (torch.float32, torch.float64):
+        query, key, value = (torch.randn(1, 4, n, 16, dtype=dtype) for n in (1, 40, 40))
+        with torch.no_grad():
+            out, _ = decode_sdpa_attention(module.eval(), query, key, value, None, scaling=0.25)
+        assert out.dtype == dtype
+    query, key, value = (torch.randn(1, 4, n, 16).bfloat16().requires_grad_() for n in (1, 40, 40))
+    decode_sdpa_attention(module.train(), query, key, value, None, scaling=0.25, dropout=0.1)  # training
+    assert speedups_scratchgpt.DECODE_SDPA_UPCAST_IS_FASTER == {}  # nothing measured
+
+
+def test_bf16_sdpa_decode_step_gives_eager_attention_logits(monkeypatch):
+    """A bf16 model's decode step with SDPA run in float32 (forced; measured otherwise) and as it is, against the
+    book's attention: the same logits, to bf16's precision."""
+    torch.manual_seed(0)
+    model = make_lm().to(torch.bfloat16)
+    prompt, token = torch.randint(1, 1000, (2, 12)), torch.randint(1, 1000, (2, 1))
+    logits = {}
+    for implementation, upcast in (("eager", None), ("sdpa", False), ("sdpa", True)):
+        model.set_attn_implementation(implementation)
+        monkeypatch.setattr(speedups_scratchgpt, "DECODE_SDPA_UPCAST_IS_FASTER", DictAnswering(upcast))
+        with torch.no_grad():
+            cache = model(prompt, use_cache=True).cache
+            logits[implementation, upcast] = model(token, cache=cache, use_cache=True).logits.float()
+    scale = logits["eager", None].abs().max()
+    for upcast in (False, True):
+        assert (logits["sdpa", upcast] - logits["eager", None]).abs().max() < 0.02 * scale
+
+
+class DictAnswering(dict):
+    """Every key present, with one answer: which way `decode_sdpa_attention` takes, without measuring."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    def __contains__(self, key):
+        return True
+
+    def __getitem__(self, key):
+        return self.answer
