@@ -11,7 +11,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,8 @@ from transformers import AutoTokenizer
 import hf_scratchgpt.app as app
 from hf_scratchgpt import ScratchGPTForCausalLM, ScratchGPTForSequenceClassification
 from hf_scratchgpt.app import build_page, fit_prompt, label_scores, launch_page, stream_reply, write_space_app
-from test_chat import LABELS, GenerateSpy, assistant, save_chat_model, template_ids, user  # tests/ is on sys.path
+from ports import free_port  # tests/ is on sys.path
+from test_chat import LABELS, GenerateSpy, assistant, save_chat_model, template_ids, user
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "test-results"
@@ -129,12 +129,6 @@ def test_write_space_app_makes_the_folder_a_space(chat_model, tmp_path):
     assert readme.endswith("\n# card\n")
     write_space_app(folder)  # again: the header is not doubled
     assert (folder / "README.md").read_text() == readme
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

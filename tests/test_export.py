@@ -7,7 +7,6 @@ test that needs an OpenAI-compatible server (an LLM judge) can reuse it.
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from transformers import AutoTokenizer, BertConfig, GenerationConfig, GPT2LMHead
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM, ScratchGPTForSequenceClassification
 from hf_scratchgpt.export import export_to_gpt2, main
+from ports import free_port
 
 
 CHAT_TEMPLATE = (
@@ -285,12 +285,6 @@ def test_python_m_refuses_with_exit_status_2_and_one_line(exported, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # transformers serve, on 127.0.0.1 only
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # No proxy, whatever the environment says: every request of these tests goes to 127.0.0.1.

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
 from hf_scratchgpt.data.instruction import add_chat_template, render_prompt
 from hf_scratchgpt.responses import answer_instructions, score_responses
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "instruct.py"
@@ -113,12 +113,6 @@ def test_answers_stop_at_end_of_text_and_drop_the_header(base_model, gpt2):
     assert [a["stopped"] for a in answered] == [True, True] and [a["model_response"] for a in answered] == ["", ""]
     scores = score_responses(answered)
     assert scores["stop_rate"] == 1.0 and scores["rouge_l"] == 0.0 and scores["mean_response_words"] == 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_scratchgpt.data import default_corpus, split_corpus
 from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pretrain.py"
@@ -327,12 +327,6 @@ def test_resumed_streaming_run_ends_with_the_weights_of_an_uninterrupted_run(cor
     expected, resumed = load_file(full / "model.safetensors"), load_file(stopped / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_records(record_dir: Path) -> list[dict]:
