@@ -314,18 +314,20 @@ def decode_sdpa_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     shape = (*key.shape[:2], key.shape[-2].bit_length(), query.dtype, torch.get_num_threads())
     if shape not in DECODE_SDPA_UPCAST_IS_FASTER:
-        best = [float("inf"), float("inf")]
-        for round in range(4):  # the first warms both up (float32 buffers, the kernel's first use): not counted
-            for upcast in (False, True):
+        best = {False: float("inf"), True: float("inf")}  # upcast or not -> the best of its timings
+        for attempt in range(4):  # the first warms both up (float32 buffers, the kernel's first use): not counted
+            for upcast in best:
                 start = time.perf_counter()
                 _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, upcast, **kwargs)
-                best[upcast] = min(best[upcast], time.perf_counter() - start) if round else best[upcast]
+                if attempt:
+                    best[upcast] = min(best[upcast], time.perf_counter() - start)
         DECODE_SDPA_UPCAST_IS_FASTER[shape] = best[True] < 0.9 * best[False]
     upcast = DECODE_SDPA_UPCAST_IS_FASTER[shape]
     return _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, upcast, **kwargs)
 
 
 def _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, upcast, **kwargs):
+    """transformers' SDPA as it is, or with query, keys, values and a float mask in float32 (`upcast`)."""
     if not upcast:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
