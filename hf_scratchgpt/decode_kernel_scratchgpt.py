@@ -124,9 +124,10 @@ struct BF16 {
   static uint16_t from_float(float v) { return float_to_bf16(v); }
 };
 
-// How far ahead of its reads a thread asks for the weights (software prefetch, one request per 64 bytes read): the
-// hardware's prefetchers alone kept GPT-2 small's products at 46 GB/s (float32) and 41-42 (bfloat16), below the 50
-// that `sum` reads; 4-8 KB ahead they read 53-54, on an AMD EPYC (Zen 5). A prefetch never faults past the end.
+// How far ahead of its reads a thread asks for the weights (software prefetch, one request per 64 bytes read). On
+// an AMD EPYC (Zen 5) whose `sum` reads 50 GB/s, GPT-2 small's products read 48-50 GB/s (float32) and 47-48
+// (bfloat16) with the hardware's prefetchers alone, 53-54 with 2, 4 or 8 KB; 8 KB was best with 8 rows of x.
+// A prefetch never faults, past the end of the weight too.
 constexpr int64_t kPrefetchBytes = 8192;
 
 // y[r, o] = x[r] . w[o] (+ bias[o]) for the weight rows o in [begin, end), one after another as they lie in memory,
