@@ -768,9 +768,9 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
         print(f"train{compiled}: forward + backward + AdamW step, batch {settings.batch} x {settings.seq} tokens,"
               f" median of {settings.steps} steps per model after {settings.warmup} warm-up, alternating")
     if {"generate", "decode"} & set(settings.sections):
-        print(f"generate: greedy, KV cache, {settings.gen_prompt}-token prompt + {settings.gen_new} new tokens, whole call"
-              f" timed; decode: median gap between tokens of {settings.decode_new} after a 100 or 1,000-token"
-              f" prompt, models of context {DECODE_CONTEXT_LENGTH}")
+        print(f"generate: greedy, KV cache, {settings.gen_prompt}-token prompt + {settings.gen_new} new tokens,"
+              f" whole call timed; decode: median gap between tokens of {settings.decode_new} after a 100 or"
+              f" 1,000-token prompt, models of context {DECODE_CONTEXT_LENGTH}")
     if any(row.measure == "train peak memory" for row in rows):
         how = ("torch.cuda.max_memory_allocated" if settings.device.startswith("cuda") else
                "peak resident size (VmHWM, reset before the step) with malloc returning freed blocks to the system")
@@ -782,9 +782,10 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
             print(f"weight-read limit, {row.shape}/{row.attn}: {row.samples['weight_mb']:.0f} MB of blocks and head at"
                   f" {row.samples['read_gb_s']:.1f} GB/s (torch.sum over 256 MiB) = {row.samples['limit_ms']:.2f} ms")
     if settings.bf16:
+        no_amx = settings.device == "cpu" and not settings.amx
         print(f"bf16: training under torch.autocast(bfloat16) with float32 weights (Trainer's --bf16); decoding with"
               f" the weights cast to bfloat16; losses of {settings.bf16_loss_steps} steps from the same start"
-              f"{'' if settings.amx or settings.device != 'cpu' else '; no AMX here, so the bf16 speed targets do not apply'}")
+              f"{'; no AMX here, so the bf16 speed targets do not apply' if no_amx else ''}")
     choices = decode_linear_choices()
     if choices:
         print("DecodeLinear, measured at first use (rows x out x in, dtype: way):",
