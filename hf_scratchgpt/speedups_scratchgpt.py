@@ -98,24 +98,34 @@ class DecodeLinear(nn.Linear):
             ways["kernel"] = lambda: kernel(flat, self.weight, self.bias)
         return ways
 
-    def _measure(self, flat: torch.Tensor, threads: int, runs: int = 5) -> str:
-        """The way that runs this product fastest here, `"linear"` unless another is 10% faster: the best of `runs`
-        timings each, taken in turn (the first of each warms it up). Decoding reads each weight from memory, not from
-        a cache (a step reads more weights than any cache holds), so a read of twice the last-level cache evicts the
-        weight before each timing. Some milliseconds, once per shape and process."""
+    def _measure(self, flat: torch.Tensor, threads: int) -> str:
+        """The way that runs this product fastest here (`measure_fastest`, `"linear"` unless another is 10% faster).
+        Decoding reads each weight from memory, not from a cache (a step reads more weights than any cache holds), so
+        a read of twice the last-level cache evicts the weight before each timing. Some milliseconds, once per shape
+        and process."""
         ways = self._ways(flat, threads)
         if len(ways) == 1:
             return "linear"
         evict = torch.ones(2 * last_level_cache_bytes() // 4)
-        best = dict.fromkeys(ways, float("inf"))
-        for _ in range(runs):
-            for name, way in ways.items():
-                evict.sum()
-                start = time.perf_counter()
-                way()
-                best[name] = min(best[name], time.perf_counter() - start)
-        fastest = min(best, key=best.get)
-        return fastest if best[fastest] < 0.9 * best["linear"] else "linear"
+        return measure_fastest(ways, default="linear", before_each=evict.sum)
+
+
+def measure_fastest(
+    ways: dict[str, Callable[[], object]], default: str, runs: int = 5, before_each: Callable[[], object] = lambda: None
+) -> str:
+    """The name of the way that ran fastest here, `default` unless another was at least 10% faster: one untimed call
+    of each first (first use: allocations, lazy set-up), then the best of `runs` timings each, taken in turn."""
+    for way in ways.values():
+        way()
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(runs):
+        for name, way in ways.items():
+            before_each()
+            start = time.perf_counter()
+            way()
+            best[name] = min(best[name], time.perf_counter() - start)
+    fastest = min(best, key=best.get)
+    return fastest if best[fastest] < 0.9 * best[default] else default
 
 
 @functools.cache
@@ -301,8 +311,8 @@ def decode_sdpa_attention(
     torch's CPU kernel takes one bfloat16 query far slower than a float32 one: 52 against 14 us a layer at 100
     keys of GPT-2 small, 559 against 71 at 1,000, on an AMD EPYC (Zen 5), so casting the keys and values up (one
     more read of them) and the output back is 2-4 times faster. Which wins is measured, once per shape and
-    power-of-two number of keys, as `DecodeLinear` measures its ways; the answers are kept in
-    `DECODE_SDPA_UPCAST_IS_FASTER`.
+    power-of-two number of keys (`measure_fastest`, as `DecodeLinear` measures its ways); the answers are kept
+    in `DECODE_SDPA_UPCAST_IS_FASTER`.
     """
     if (
         query.dtype not in (torch.bfloat16, torch.float16)
@@ -314,14 +324,12 @@ def decode_sdpa_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     shape = (*key.shape[:2], key.shape[-2].bit_length(), query.dtype, torch.get_num_threads())
     if shape not in DECODE_SDPA_UPCAST_IS_FASTER:
-        best = {False: float("inf"), True: float("inf")}  # upcast or not -> the best of its timings
-        for attempt in range(4):  # the first warms both up (float32 buffers, the kernel's first use): not counted
-            for upcast in best:
-                start = time.perf_counter()
-                _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, upcast, **kwargs)
-                if attempt:
-                    best[upcast] = min(best[upcast], time.perf_counter() - start)
-        DECODE_SDPA_UPCAST_IS_FASTER[shape] = best[True] < 0.9 * best[False]
+        ways = {
+            name: functools.partial(_decode_sdpa, module, query, key, value, attention_mask, scaling, dropout, upcast,
+                                    **kwargs)
+            for name, upcast in (("as it is", False), ("float32", True))
+        }
+        DECODE_SDPA_UPCAST_IS_FASTER[shape] = measure_fastest(ways, default="as it is", runs=3) == "float32"
     upcast = DECODE_SDPA_UPCAST_IS_FASTER[shape]
     return _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, upcast, **kwargs)
 
@@ -376,5 +384,6 @@ __all__ = [
     "KVCacheLayer",
     "chunked_causal_lm_loss",
     "decode_sdpa_attention",
+    "measure_fastest",
     "packed_sdpa_attention",
 ]
