@@ -9,7 +9,12 @@ compilers' vector extensions, built by PyTorch's own `torch.utils.cpp_extension`
 machine at hand (about 20 s once, then loaded from `TORCH_EXTENSIONS_DIR`); where it cannot be built (no compiler, no
 OpenMP) decoding goes on without it.
 `DecodeLinear` (in `speedups_scratchgpt.py`) times it against the other ways and takes it only where it is faster.
-Set `SCRATCHGPT_DECODE_KERNEL=0` to never build or use it.
+
+Between the products, a decode step of GPT-2 small spends more time in Python than in its other operators (1.5 ms
+of a 12 ms step at 55 GB/s). So the same build holds a transformer block's decode step in two calls,
+`block_attention_input` and `block_output`: the block's math operator by operator, ATen's operators and the
+products, each called from C++ (`fused_decode_block` in `speedups_scratchgpt.py` calls them).
+Set `SCRATCHGPT_DECODE_KERNEL=0` to never build or use any of it.
 
 This file is copied beside a saved model's code, like `speedups_scratchgpt.py`: it imports only torch.
 """
@@ -22,6 +27,7 @@ import platform
 import sysconfig
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -33,8 +39,13 @@ STALE_LOCK_SECONDS = 600  # a build takes about 20 s; a lock file this old belon
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -180,8 +191,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const tor
 
 // x (..., in) @ weight (out, in).T + bias -> (..., out), as F.linear: float32 or bfloat16, all three alike; float32
 // sums.
-torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  pybind11::gil_scoped_release no_gil;  // as torch's own operators do: other Python threads run meanwhile
+torch::Tensor kernel_linear(torch::Tensor x, torch::Tensor weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1) && weight.size(1) > 0,
               "decode_linear: shapes do not fit");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear: CPU tensors only");
@@ -198,9 +208,164 @@ torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional
   return y.view(out_sizes);
 }
 
+torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  pybind11::gil_scoped_release no_gil;  // as torch's own operators do: other Python threads run meanwhile
+  return kernel_linear(x, weight, bias);
+}
+
+// --- A decode step's attention --------------------------------------------------------------------------------
+// One query per sequence and head against all its keys and values so far: softmax(q . k * scaling + mask) . v,
+// in float32. ATen's SDPA takes 40 us a layer for this at 100 keys of GPT-2 small inside a decode step (its keys
+// and values no longer in the caches after the products), where reading them takes about 10.
+
+inline f16v load16(const float* p) { return *reinterpret_cast<const f16v*>(p); }
+inline f16v load16(const at::BFloat16* p) {  // 16 bfloat16s, each widened to the float32 whose top half it is
+  typedef uint16_t h16v __attribute__((vector_size(32), aligned(2), may_alias));
+  return (f16v)(__builtin_convertvector(*reinterpret_cast<const h16v*>(p), u16v) << 16);
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+
+// One (sequence, head): q (hs) in float32; keys and values `stride` elements apart; `mask` as float32 (added)
+// or bool (true: attend), `mask_stride` apart, or null; `scores` room for Tk floats, `acc` for hs.
+template <typename T, typename M>
+void attend(const float* q, const T* k, const T* v, int64_t stride, int64_t Tk, int64_t hs, const M* mask,
+            int64_t mask_stride, float scaling, float* scores, float* acc, T* out) {
+  const int64_t whole = hs - hs % 16;
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < Tk; ++t) {
+    const T* kr = k + t * stride;
+    f16v sum = {};
+    for (int64_t i = 0; i < whole; i += 16) sum += load16(q + i) * load16(kr + i);
+    float s = hsum(sum);
+    for (int64_t i = whole; i < hs; ++i) s += q[i] * load1(kr + i);
+    s *= scaling;
+    if constexpr (std::is_same_v<M, bool>) {
+      if (mask && !mask[t * mask_stride]) s = -std::numeric_limits<float>::infinity();
+    } else {
+      if (mask) s += mask[t * mask_stride];
+    }
+    scores[t] = s;
+    top = std::max(top, s);
+  }
+  std::fill(acc, acc + hs, 0.f);
+  if (top == -std::numeric_limits<float>::infinity()) {  // every key masked: zeros, as ATen's CPU kernel gives
+    for (int64_t i = 0; i < hs; ++i) out[i] = static_cast<T>(0.f);
+    return;
+  }
+  float total = 0.f;
+  for (int64_t t = 0; t < Tk; ++t) {
+    const float p = std::exp(scores[t] - top);
+    total += p;
+    const T* vr = v + t * stride;
+    for (int64_t i = 0; i < whole; i += 16) *reinterpret_cast<f16v*>(acc + i) += p * load16(vr + i);
+    for (int64_t i = whole; i < hs; ++i) acc[i] += p * load1(vr + i);
+  }
+  for (int64_t i = 0; i < hs; ++i) out[i] = static_cast<T>(acc[i] / total);
+}
+
+template <typename T, typename M>
+void attend_all(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+                const torch::Tensor& mask, double scaling, torch::Tensor& out) {
+  const int64_t B = key.size(0), heads = key.size(1), Tk = key.size(2), hs = key.size(3);
+  const T* q = query.data_ptr<T>();
+  const T* k = key.data_ptr<T>();
+  const T* v = value.data_ptr<T>();
+  const M* m = mask.defined() ? mask.data_ptr<M>() : nullptr;
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, B * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> buffer(2 * hs + Tk);  // q in float32, the sums of the values, the scores
+    for (int64_t bh = first; bh < last; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      for (int64_t i = 0; i < hs; ++i) buffer[i] = load1(q + bh * hs + i);
+      const M* mask_row = m ? m + b * mask.stride(0) + h * mask.stride(1) : nullptr;
+      attend<T, M>(buffer.data(), k + b * key.stride(0) + h * key.stride(1),
+                   v + b * value.stride(0) + h * value.stride(1), key.stride(2), Tk, hs, mask_row,
+                   m ? mask.stride(3) : 0, scaling, buffer.data() + 2 * hs, buffer.data() + hs, o + bh * hs);
+    }
+  });
+}
+
+// query (B, nh, 1, hs); key, value (B, nh, Tk, hs), each position's hs values side by side (a cache's storage
+// narrowed to its filled part is); mask none, bool or additive, broadcastable to (B, nh, 1, Tk). -> (B, nh, 1, hs)
+torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+                               const c10::optional<torch::Tensor>& mask, double scaling) {
+  const int64_t B = key.size(0), heads = key.size(1), Tk = key.size(2), hs = key.size(3);
+  TORCH_CHECK(query.dim() == 4 && query.size(0) == B && query.size(1) == heads && query.size(2) == 1 &&
+                  query.size(3) == hs && value.sizes() == key.sizes(),
+              "decode_attention: one query per sequence and head, keys and values alike");
+  TORCH_CHECK(key.stride(3) == 1 && value.strides() == key.strides(),
+              "decode_attention: keys and values laid out alike, each position's values side by side");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && key.scalar_type() == dtype &&
+                  value.scalar_type() == dtype, "decode_attention: float32 or bfloat16, all three alike");
+  torch::Tensor q = query.contiguous(), out = torch::empty_like(q), m;
+  if (mask.has_value() && mask->defined()) {
+    m = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kFloat);
+    m = m.expand({B, heads, 1, Tk});
+  }
+  const bool boolean = m.defined() && m.scalar_type() == at::kBool;
+  if (dtype == at::kFloat) {
+    boolean ? attend_all<float, bool>(q, key, value, m, scaling, out)
+            : attend_all<float, float>(q, key, value, m, scaling, out);
+  } else {
+    boolean ? attend_all<at::BFloat16, bool>(q, key, value, m, scaling, out)
+            : attend_all<at::BFloat16, float>(q, key, value, m, scaling, out);
+  }
+  return out;
+}
+
+// --- A transformer block's decode step (chapter 4.5) in two calls ----------------------------------------------
+// ScratchGPTBlock's math for one new token, operator by operator: ATen's operators, and the products on the kernel
+// above or on ATen's `linear`, as DecodeLinear measured fastest for each (`kernel`, `kernels`). Python spends about
+// 100 us a block between the products of a step otherwise; the two calls take a tenth of that.
+
+torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
+                      bool kernel) {
+  return kernel ? kernel_linear(x, w, b) : at::linear(x, w, b);
+}
+
+// norm1, then the fused query/key/value product, split into heads: x (B, T, C) -> query, key, value (B, nh, T, hs).
+std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const torch::Tensor& norm_w,
+                                                 const torch::Tensor& norm_b, double eps, const torch::Tensor& qkv_w,
+                                                 const c10::optional<torch::Tensor>& qkv_b, int64_t n_heads,
+                                                 bool kernel) {
+  pybind11::gil_scoped_release no_gil;
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const torch::Tensor h = at::layer_norm(x, {C}, norm_w, norm_b, eps);
+  return product(h, qkv_w, qkv_b, kernel).view({B, T, 3, n_heads, C / n_heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+}
+
+// The attention of the queries over all keys and values so far (`decode_attention`), out_proj and the shortcut;
+// norm2, the feed-forward network and its shortcut. `kernels`: the ways of out_proj, fc1, fc2.
+torch::Tensor block_output(const torch::Tensor& x, const torch::Tensor& query, const torch::Tensor& key,
+                           const torch::Tensor& value, const c10::optional<torch::Tensor>& mask, double scaling,
+                           const torch::Tensor& out_w, const c10::optional<torch::Tensor>& out_b,
+                           const torch::Tensor& norm_w, const torch::Tensor& norm_b, double eps,
+                           const torch::Tensor& fc1_w, const c10::optional<torch::Tensor>& fc1_b,
+                           const torch::Tensor& fc2_w, const c10::optional<torch::Tensor>& fc2_b,
+                           const std::vector<bool>& kernels) {
+  pybind11::gil_scoped_release no_gil;
+  TORCH_CHECK(kernels.size() == 3, "block_output: one way for each of out_proj, fc1 and fc2");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const torch::Tensor heads = decode_attention(query, key, value, mask, scaling).transpose(1, 2).reshape({B, T, C});
+  const torch::Tensor h = x + product(heads, out_w, out_b, kernels[0]);
+  const torch::Tensor normed = at::layer_norm(h, {C}, norm_w, norm_b, eps);
+  return h + product(at::gelu(product(normed, fc1_w, fc1_b, kernels[1]), "tanh"), fc2_w, fc2_b, kernels[2]);
+}
+
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_linear", &decode_linear); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_linear", &decode_linear);
+  m.def("block_attention_input", &block_attention_input);
+  m.def("block_output", &block_output);
+  m.def("decode_attention", [](torch::Tensor query, torch::Tensor key, torch::Tensor value,
+                               c10::optional<torch::Tensor> mask, double scaling) {
+    pybind11::gil_scoped_release no_gil;
+    return decode_attention(query, key, value, mask, scaling);
+  });
+}
 """
 
 
@@ -218,9 +383,10 @@ def _machine() -> str:
     return f"{platform.machine()} {cpu} torch {torch.__version__} {python} {os.environ.get('CXX', 'c++')}"
 
 
-def build_decode_kernel(extra_cflags: tuple[str, ...] = ()) -> Callable:
-    """`decode_linear(x, weight, bias)` compiled for this machine, or loaded from an earlier build of the same source
-    for the same machine; raises where it cannot be built. `extra_cflags` go to the compiler after `-march=native`."""
+def build_decode_kernels(extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+    """The kernels compiled for this machine, or loaded from an earlier build of the same source for the same
+    machine: a module of `decode_linear(x, weight, bias)`, `block_attention_input(...)` and `block_output(...)`;
+    raises where they cannot be built. `extra_cflags` go to the compiler after `-march=native`."""
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(f"{SOURCE}{_machine()}{extra_cflags}".encode()).hexdigest()[:16]
@@ -234,18 +400,24 @@ def build_decode_kernel(extra_cflags: tuple[str, ...] = ()) -> Callable:
         logger.warning(f"ScratchGPT: removing {lock}, left by a build that did not finish")
         os.remove(lock)
     flags = ["-O3", "-march=native", "-fopenmp", *extra_cflags]
-    return cpp_extension.load_inline(name, SOURCE, extra_cflags=flags, build_directory=folder).decode_linear
+    return cpp_extension.load_inline(name, SOURCE, extra_cflags=flags, build_directory=folder)
 
 
 @functools.cache
-def decode_kernel() -> Callable | None:
-    """The kernel for this machine, built once per machine and loaded once per process; None where it cannot be
+def decode_kernels() -> ModuleType | None:
+    """The kernels for this machine, built once per machine and loaded once per process; None where they cannot be
     built (said once, in a warning) or with `SCRATCHGPT_DECODE_KERNEL=0`."""
     if os.environ.get("SCRATCHGPT_DECODE_KERNEL", "1") == "0":
         return None
     try:
-        return build_decode_kernel()
+        return build_decode_kernels()
     except Exception as err:  # no compiler, no OpenMP, another architecture: decoding goes on without the kernel
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         logger.warning(f"ScratchGPT: decoding without its kernel, which could not be built here ({first_line})")
         return None
+
+
+def decode_kernel() -> Callable | None:
+    """The matrix-vector kernel, `decode_linear(x, weight, bias)` (F.linear's arguments and result), or None."""
+    kernels = decode_kernels()
+    return kernels.decode_linear if kernels is not None else None

@@ -40,6 +40,7 @@ from .speedups_scratchgpt import (
     KVCache,
     chunked_causal_lm_loss,
     decode_sdpa_attention,
+    fused_decode_block,
     packed_sdpa_attention,
 )
 
@@ -56,11 +57,12 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(emb_dim, eps=eps)
 
 
-class GELU(nn.Module):
-    """GELU, tanh approximation (chapter 4.3): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, as GPT-2 used."""
+class GELU(nn.GELU):
+    """GELU, tanh approximation (chapter 4.3): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, as GPT-2 used.
+    `nn.GELU(approximate="tanh")` computes exactly this in one kernel."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh")
+    def __init__(self):
+        super().__init__(approximate="tanh")
 
 
 class FeedForward(nn.Module):
@@ -174,6 +176,9 @@ class ScratchGPTBlock(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        fused = fused_decode_block(self, hidden_states, attention_mask, cache, kwargs)
+        if fused is not None:  # a decode step: the lines below in two calls of C++ (speedups)
+            return fused
         attn_out, _ = self.att(self.norm1(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs)
         hidden_states = hidden_states + self.drop_shortcut(attn_out)
         hidden_states = hidden_states + self.drop_shortcut(self.ff(self.norm2(hidden_states)))

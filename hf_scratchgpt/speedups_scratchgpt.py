@@ -19,6 +19,7 @@ code: it imports only torch, transformers and that sibling.
 
 import functools
 import glob
+import sys
 import time
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .decode_kernel_scratchgpt import decode_kernel
+from .decode_kernel_scratchgpt import decode_kernel, decode_kernels
 
 
 class DecodeLinear(nn.Linear):
@@ -75,6 +76,14 @@ class DecodeLinear(nn.Linear):
             out = self._split_linear(x.reshape(rows, self.in_features), threads)
             return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, weight, bias)
+
+    def decode_way(self, rows: int, threads: int) -> str | None:
+        """The way `forward` runs this layer's product of `rows` rows in decoding (no gradients, CPU, no autocast),
+        None where it has not been measured yet."""
+        if rows > 16 or self.in_features * self.out_features < 2**19:
+            return "linear"
+        dtype = self._parameters["weight"].dtype  # not `self.weight`: a decode step asks 48 times
+        return self.fastest_way.get((rows, self.out_features, self.in_features, dtype, threads))
 
     def _split_linear(self, flat: torch.Tensor, parts: int) -> torch.Tensor:
         """`F.linear(flat, weight, bias)` as one `bmm` over `parts` blocks of output features."""
@@ -322,16 +331,22 @@ def decode_sdpa_attention(
         or torch.compiler.is_compiling()
     ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    upcast = decode_sdpa_upcasts(module, query, key, value, attention_mask, scaling, **kwargs)
+    return _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, upcast, **kwargs)
+
+
+def decode_sdpa_upcasts(module, query, key, value, attention_mask, scaling, **kwargs) -> bool:
+    """Whether a decode step's SDPA of these 16-bit tensors runs faster in float32: measured once per shape and
+    power-of-two number of keys, then kept in `DECODE_SDPA_UPCAST_IS_FASTER`."""
     shape = (*key.shape[:2], key.shape[-2].bit_length(), query.dtype, torch.get_num_threads())
     if shape not in DECODE_SDPA_UPCAST_IS_FASTER:
         ways = {
-            name: functools.partial(_decode_sdpa, module, query, key, value, attention_mask, scaling, dropout, upcast,
+            name: functools.partial(_decode_sdpa, module, query, key, value, attention_mask, scaling, 0.0, upcast,
                                     **kwargs)
             for name, upcast in (("as it is", False), ("float32", True))
         }
         DECODE_SDPA_UPCAST_IS_FASTER[shape] = measure_fastest(ways, default="as it is", runs=3) == "float32"
-    upcast = DECODE_SDPA_UPCAST_IS_FASTER[shape]
-    return _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, upcast, **kwargs)
+    return DECODE_SDPA_UPCAST_IS_FASTER[shape]
 
 
 def _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, upcast, **kwargs):
@@ -344,6 +359,77 @@ def _decode_sdpa(module, query, key, value, attention_mask, scaling, dropout, up
         module, query.float(), key.float(), value.float(), attention_mask, dropout, scaling, **kwargs
     )
     return out.to(query.dtype), None
+
+
+def fused_decode_block(
+    block: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None,
+    kwargs: dict
+) -> torch.Tensor | None:
+    """A decode step of a `ScratchGPTBlock` (one new token per sequence) in two calls of C++, `block_attention_input`
+    and `block_output` (`decode_kernel_scratchgpt.py`), with the cache updated between them; None where the block's
+    own forward must run.
+
+    It computes what the block's forward does, with each part's weights, but without calling the parts. So it runs
+    only where that is the same: no gradients, eval mode, the CPU, float32 or bfloat16, no autocast or compiling, no
+    keyword argument (output flags, packed sequences), eager or SDPA attention, every part the class the block
+    was built with (not a LoRA adapter, not another activation) and without hooks, and each product's way measured
+    by `DecodeLinear` (the first steps, run by the block's forward, measure them) and not the split.
+    """
+    if (
+        hidden_states.shape[1] != 1
+        or kwargs
+        or torch.is_grad_enabled()
+        or hidden_states.dtype not in (torch.float32, torch.bfloat16)
+        or not hidden_states.is_cpu
+        or torch.is_autocast_enabled("cpu")
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    # The parts straight from `_modules` and `_parameters`: `block.att` is a call of nn.Module.__getattr__, and the
+    # checks would otherwise cost a step a quarter of a millisecond.
+    norm1, att, norm2, ff, drop = (block._modules[name] for name in ("norm1", "att", "norm2", "ff", "drop_shortcut"))
+    qkv, out_proj, fc1, act, fc2 = att._modules["qkv"], att._modules["out_proj"], *ff._modules.values()
+    parts = (norm1, att, norm2, ff, drop, qkv, out_proj, fc1, act, fc2)
+    if (
+        any(type(part) is not cls or part.training or part._forward_hooks or part._forward_pre_hooks
+            for part, cls in zip(parts, _stock_classes(type(block))))
+        or _global_forward_hooks()
+        or att.config._attn_implementation not in ("eager", "sdpa")
+        or (kernels := decode_kernels()) is None
+    ):
+        return None
+    rows, threads = hidden_states.shape[0], torch.get_num_threads()
+    ways = [layer.decode_way(rows, threads) for layer in (qkv, out_proj, fc1, fc2)]
+    if not all(way in ("kernel", "linear") for way in ways):
+        return None
+    weight, bias = "weight", "bias"
+    query, key, value = kernels.block_attention_input(
+        hidden_states, norm1._parameters[weight], norm1._parameters[bias], norm1.eps, qkv._parameters[weight],
+        qkv._parameters[bias], att.n_heads, ways[0] == "kernel",
+    )
+    if cache is not None:  # append this step's keys and values; get back all of them so far
+        key, value = cache.update(key, value, att.layer_idx)
+    return kernels.block_output(
+        hidden_states, query, key, value, attention_mask, att.scaling,
+        out_proj._parameters[weight], out_proj._parameters[bias], norm2._parameters[weight], norm2._parameters[bias],
+        norm2.eps, fc1._parameters[weight], fc1._parameters[bias], fc2._parameters[weight], fc2._parameters[bias],
+        [way == "kernel" for way in ways[1:]],
+    )
+
+
+@functools.cache
+def _stock_classes(block_class: type) -> tuple[type, ...]:
+    """The classes of a block's parts as its file builds them, in `fused_decode_block`'s order: that file is
+    modeling_scratchgpt, wherever it was loaded from (the package, or a saved model's folder)."""
+    code = sys.modules[block_class.__module__]
+    return (code.LayerNorm, code.MultiHeadAttention, code.LayerNorm, code.FeedForward, nn.Dropout,
+            DecodeLinear, DecodeLinear, DecodeLinear, code.GELU, DecodeLinear)
+
+
+def _global_forward_hooks() -> bool:
+    """Whether any hook was registered for every module's forward (`register_module_forward_hook` and the like)."""
+    module = nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def packed_sdpa_attention(
@@ -384,6 +470,8 @@ __all__ = [
     "KVCacheLayer",
     "chunked_causal_lm_loss",
     "decode_sdpa_attention",
+    "decode_sdpa_upcasts",
+    "fused_decode_block",
     "measure_fastest",
     "packed_sdpa_attention",
 ]

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
-from hf_scratchgpt import decode_kernel_scratchgpt, speedups_scratchgpt
-from hf_scratchgpt.decode_kernel_scratchgpt import build_decode_kernel, decode_kernel
+from hf_scratchgpt import decode_kernel_scratchgpt, modeling_scratchgpt, speedups_scratchgpt
+from hf_scratchgpt.decode_kernel_scratchgpt import build_decode_kernels, decode_kernels
 from hf_scratchgpt.speedups_scratchgpt import (
     ChunkedLinearCrossEntropy,
     DecodeLinear,
@@ -117,15 +117,21 @@ def test_decode_linear_split_gives_the_linear_result(two_threads):
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    """ScratchGPT's decoding kernel, built for this machine (about 20 s the first time on a machine). CI has a
-    compiler, so there it must build; elsewhere the tests that need it skip with the reason."""
-    built = decode_kernel()
+def kernels():
+    """ScratchGPT's decoding kernels, built for this machine (about 20 s the first time on a machine). CI has a
+    compiler, so there they must build; elsewhere the tests that need them skip with the reason."""
+    built = decode_kernels()
     if built is None:
         if os.environ.get("CI") == "true":
             pytest.fail("the decoding kernel could not be built in CI (see the warning above)")
         pytest.skip("the decoding kernel cannot be built on this machine")
     return built
+
+
+@pytest.fixture(scope="module")
+def kernel(kernels):
+    """The matrix-vector kernel alone: F.linear's arguments and result."""
+    return kernels.decode_linear
 
 
 def assert_bf16_products_as_close_as_f_linear(kernel, layer, x):
@@ -186,7 +192,7 @@ def cpu_flags() -> set[str]:
 def test_decode_kernel_bf16_without_avx512_bf16(kernel, two_threads):
     """This CPU's build takes AVX-512 BF16's pair products for bfloat16 weights; a build without them takes the
     path every other CPU takes (each 16-bit half of a word turned into a float32), which must be as close."""
-    portable = build_decode_kernel(("-mno-avx512bf16",))
+    portable = build_decode_kernels(("-mno-avx512bf16",)).decode_linear
     torch.manual_seed(0)
     for in_features in (777, 336):  # 336: the single-vector loop after the fours (see the test above)
         layer = DecodeLinear(in_features, 1001)
@@ -251,10 +257,10 @@ def test_decode_linear_without_a_kernel_measures_the_other_ways(two_threads, mon
 
     monkeypatch.setattr(cpp_extension, "load_inline", mock.Mock(side_effect=RuntimeError("Error building extension\nmore")))
     with caplog.at_level("WARNING", logger=decode_kernel_scratchgpt.__name__):
-        assert decode_kernel.__wrapped__() is None
+        assert decode_kernels.__wrapped__() is None
     assert "could not be built here (Error building extension)" in caplog.text
     monkeypatch.setenv("SCRATCHGPT_DECODE_KERNEL", "0")
-    assert decode_kernel.__wrapped__() is None and cpp_extension.load_inline.call_count == 1
+    assert decode_kernels.__wrapped__() is None and cpp_extension.load_inline.call_count == 1
 
     layer = DecodeLinear(256, 5000)
     with mock.patch.object(speedups_scratchgpt, "decode_kernel", return_value=None), torch.no_grad():
@@ -277,10 +283,12 @@ def test_decoding_with_the_kernel_gives_the_logits_of_f_linear(kernel, two_threa
     counted = mock.Mock(wraps=kernel)
 
     def decode(way):
-        # every shape decided beforehand, the prefill's 10 rows too: nothing is measured, one way runs throughout
+        # every shape decided beforehand, the prefill's 10 rows too: nothing is measured, one way runs throughout;
+        # the blocks' own forward, which calls DecodeLinear (the fused decode step calls the kernel from C++)
         shapes = [(rows, m.out_features, m.in_features, dtype, 2) for m in measured for rows in (1, 2, 10)]
         DecodeLinear.fastest_way = dict.fromkeys(shapes, way)
-        with torch.no_grad(), mock.patch.object(speedups_scratchgpt, "decode_kernel", return_value=counted):
+        with torch.no_grad(), mock.patch.object(speedups_scratchgpt, "decode_kernel", return_value=counted), \
+                mock.patch.object(modeling_scratchgpt, "fused_decode_block", return_value=None):
             cache = KVCache()
             out = model(ids, cache=cache)
             logits = []
@@ -466,6 +474,7 @@ def test_bf16_sdpa_decode_step_gives_eager_attention_logits(monkeypatch):
     model = make_lm().to(torch.bfloat16)
     prompt, token = torch.randint(1, 1000, (2, 12)), torch.randint(1, 1000, (2, 1))
     logits = {}
+    monkeypatch.setattr(modeling_scratchgpt, "fused_decode_block", lambda *args: None)  # the blocks' own forward
     for implementation, upcast in (("eager", None), ("sdpa", False), ("sdpa", True)):
         model.set_attn_implementation(implementation)
         monkeypatch.setattr(speedups_scratchgpt, "DECODE_SDPA_UPCAST_IS_FASTER", DictAnswering(upcast))
@@ -489,3 +498,108 @@ class DictAnswering(dict):
 
     def __getitem__(self, key):
         return self.answer
+
+
+# --- a decode step of a block in two calls of C++ -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", [None, "bool", "float", "per head"])
+def test_decode_attention_gives_sdpa_result(kernels, dtype, mask):
+    """One query per sequence and head over 37 keys and values that are views of a cache's storage (64 places),
+    2 sequences, the second padded on the left by 5; head size 24: one vector of 16 and a tail of 8."""
+    torch.manual_seed(0)
+    key_store, value_store = (torch.randn(2, 3, 64, 24, dtype=dtype) for _ in range(2))
+    key, value = key_store[:, :, :37], value_store[:, :, :37]
+    query = torch.randn(2, 3, 1, 24, dtype=dtype)
+    keep = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+    keep[1, ..., :5] = False
+    if mask == "per head":  # (B, nh, 1, Tk): each head its own keys
+        keep = torch.rand(2, 3, 1, 37) < 0.7
+        keep[..., -1] = True
+    masks = {None: None, "bool": keep, "per head": keep,
+             "float": torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)}
+    out = kernels.decode_attention(query, key, value, masks[mask], 0.3)
+    exact = F.scaled_dot_product_attention(
+        query.double(), key.double(), value.double(), attn_mask=None if mask is None else keep, scale=0.3
+    )
+    assert out.dtype == dtype and out.shape == (2, 3, 1, 24)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.double(), exact, **tolerance)
+
+    keep[0] = False  # a sequence with every key masked: zeros, not NaN
+    out = kernels.decode_attention(query, key, value, keep, 0.3)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and not out.isnan().any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_block_gives_the_logits_of_the_blocks_forward(kernels, two_threads, implementation, dtype):
+    """Decode steps of a model wide enough for the kernel (qkv 1,536 x 512, feed-forward 2,048 x 512), 2 sequences,
+    the first padded on the left, with the fused decode step against the blocks' own forward."""
+    torch.manual_seed(0)
+    model = make_lm(emb_dim=512, n_heads=8, n_layers=2, vocab_size=2048).to(dtype)
+    model.set_attn_implementation(implementation)
+    ids, tokens = torch.randint(0, 2048, (2, 6)), torch.randint(0, 2048, (2, 4))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    real = speedups_scratchgpt.fused_decode_block
+
+    def decode(fused: bool):
+        taken = []
+
+        def step(*args):
+            out = real(*args) if fused else None
+            taken.append(out is not None)
+            return out
+
+        with torch.no_grad(), mock.patch.object(modeling_scratchgpt, "fused_decode_block", step):
+            cache = KVCache()
+            model(ids, attention_mask=mask, cache=cache)
+            logits = []
+            for step_mask, token in zip((mask.new_ones(2, n) for n in range(1, 5)), tokens.T):
+                out = model(token[:, None], attention_mask=torch.cat([mask, step_mask], 1), cache=cache)
+                logits.append(out.logits.float())
+        return torch.cat(logits, 1), taken
+
+    ours, taken = decode(fused=True)
+    theirs, _ = decode(fused=False)
+    assert taken[:2] == [False, False] and all(taken[4:])  # the prefill, the first step measures; then fused
+    scale = theirs.abs().max()
+    tolerance = 1e-5 if dtype == torch.float32 else 0.02
+    assert (ours - theirs).abs().max() <= tolerance * scale
+
+
+def test_fused_decode_block_steps_aside_where_the_blocks_forward_differs(kernels):
+    """A tiny model (every product F.linear, nothing to measure) decodes fused; anything the fused step would not
+    see or do hands the step back to the block's own forward."""
+    model = make_lm()
+    block = model.model.trf_blocks[0]
+    x = torch.randn(2, 1, model.config.emb_dim)
+    decode = lambda x=x, kwargs={}: speedups_scratchgpt.fused_decode_block(block, x, None, None, kwargs)  # noqa: E731
+    with torch.no_grad():
+        fused = decode()
+        assert fused is not None
+        with mock.patch.object(modeling_scratchgpt, "fused_decode_block", return_value=None):
+            torch.testing.assert_close(fused, block(x), atol=1e-5, rtol=1e-5)  # the block's own forward
+        assert decode(x.repeat(1, 2, 1)) is None  # two new tokens
+        assert decode(kwargs={"output_attentions": True}) is None
+        handle = block.ff.fc1.register_forward_hook(lambda *args: None)
+        assert decode() is None
+        handle.remove()
+        with mock.patch.object(DecodeLinear, "decode_way", return_value="split"):
+            assert decode() is None
+        block.att.train()
+        assert decode() is None
+        block.att.eval()
+        gelu = block.ff.act
+        block.ff.act = torch.nn.ReLU()  # another activation
+        assert decode() is None
+        block.ff.act = gelu
+        qkv = block.att.qkv
+        block.att.qkv = torch.nn.Linear(qkv.in_features, qkv.out_features)  # what an adapter would put there
+        assert decode() is None
+        block.att.qkv = qkv
+        assert decode() is not None
+    assert decode() is None  # gradients on
