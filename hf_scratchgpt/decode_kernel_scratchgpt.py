@@ -326,14 +326,27 @@ torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, const c10:
 }
 
 // norm1, then the fused query/key/value product, split into heads: x (B, T, C) -> query, key, value (B, nh, T, hs).
+// Given a cache layer's storage (B, nh, capacity, hs) and the number of places filled, the keys and values are
+// written after those, and the key and value returned are all of them so far (views of the storage).
 std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const torch::Tensor& norm_w,
                                                  const torch::Tensor& norm_b, double eps, const torch::Tensor& qkv_w,
                                                  const c10::optional<torch::Tensor>& qkv_b, int64_t n_heads,
-                                                 bool kernel) {
+                                                 bool kernel, const c10::optional<torch::Tensor>& key_store,
+                                                 const c10::optional<torch::Tensor>& value_store, int64_t past) {
   pybind11::gil_scoped_release no_gil;
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   const torch::Tensor h = at::layer_norm(x, {C}, norm_w, norm_b, eps);
-  return product(h, qkv_w, qkv_b, kernel).view({B, T, 3, n_heads, C / n_heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+  std::vector<torch::Tensor> qkv =
+      product(h, qkv_w, qkv_b, kernel).view({B, T, 3, n_heads, C / n_heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+  if (key_store.has_value() && value_store.has_value()) {
+    TORCH_CHECK(past + T <= key_store->size(2) && value_store->sizes() == key_store->sizes(),
+                "block_attention_input: no room in the cache's storage");
+    key_store->narrow(2, past, T).copy_(qkv[1]);
+    value_store->narrow(2, past, T).copy_(qkv[2]);
+    qkv[1] = key_store->narrow(2, 0, past + T);
+    qkv[2] = value_store->narrow(2, 0, past + T);
+  }
+  return qkv;
 }
 
 // The attention of the queries over all keys and values so far (`decode_attention`), out_proj and the shortcut;

@@ -178,7 +178,7 @@ class KVCacheLayer(DynamicLayer):
             return super().update(key_states, value_states)
         past = self.get_seq_length()
         total = past + key_states.shape[-2]
-        if not self._store_holds(key_states, total):  # first call, full, or keys replaced (beam search reorders)
+        if not self._store_holds(key_states.shape[:2], key_states.dtype, total):  # first call, full, or replaced
             capacity = total if not past else 2 * total  # a prompt: its own size, as `DynamicLayer` holds it
             if self.expected_len is not None and total <= self.expected_len:
                 capacity = min(capacity, self.expected_len)
@@ -190,16 +190,29 @@ class KVCacheLayer(DynamicLayer):
         self.keys, self.values = self.key_store.narrow(-2, 0, total), self.value_store.narrow(-2, 0, total)
         return self.keys, self.values
 
-    def _store_holds(self, key_states: torch.Tensor, total: int) -> bool:
+    def _store_holds(self, batch_heads: tuple[int, int], dtype: torch.dtype, total: int) -> bool:
+        """Whether the storage takes `total` positions of keys and values of this batch, heads and dtype, and is still
+        this layer's (`crop` keeps the views of it; reordering or selecting rows, as beam search does, replaces them)."""
         store = self.key_store
         return (
             store is not None
-            and self.keys._base is store  # `crop` keeps the view; reordering or selecting rows replaces it
+            and self.keys._base is store
             and self.values._base is self.value_store
-            and store.shape[:2] == key_states.shape[:2]
-            and store.dtype == key_states.dtype
+            and store.shape[:2] == batch_heads
+            and store.dtype == dtype
             and total <= store.shape[-2]
         )
+
+    def room_for(self, hidden_states: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The storage of keys and of values, and the places filled, where it has room for the keys and values of
+        `hidden_states`' tokens (B, T, C); None where `update` must take them. For `fused_decode_block`, which
+        writes them into the storage from C++ and then sets `keys` and `values` to all of them so far."""
+        if not self.is_initialized or self.key_store is None:
+            return None
+        past = self.keys.shape[-2]
+        if not self._store_holds((hidden_states.shape[0], heads), hidden_states.dtype, past + hidden_states.shape[1]):
+            return None
+        return self.key_store, self.value_store, past
 
     @staticmethod
     def _grow(past_states: torch.Tensor, new_states: torch.Tensor, past: int, capacity: int) -> torch.Tensor:
@@ -402,12 +415,17 @@ def fused_decode_block(
     ways = [layer.decode_way(rows, threads) for layer in (qkv, out_proj, fc1, fc2)]
     if not all(way in ("kernel", "linear") for way in ways):
         return None
+    # A KVCacheLayer with room: this step's keys and values are written into its storage from C++.
+    layer = cache.layers[att.layer_idx] if cache is not None and att.layer_idx < len(cache.layers) else None
+    room = layer.room_for(hidden_states, att.n_heads) if type(layer) is KVCacheLayer else None
     weight, bias = "weight", "bias"
     query, key, value = kernels.block_attention_input(
         hidden_states, norm1._parameters[weight], norm1._parameters[bias], norm1.eps, qkv._parameters[weight],
-        qkv._parameters[bias], att.n_heads, ways[0] == "kernel",
+        qkv._parameters[bias], att.n_heads, ways[0] == "kernel", *(room or (None, None, 0)),
     )
-    if cache is not None:  # append this step's keys and values; get back all of them so far
+    if room is not None:
+        layer.keys, layer.values = key, value  # all of them so far, as `update` leaves them
+    elif cache is not None:  # append this step's keys and values; get back all of them so far
         key, value = cache.update(key, value, att.layer_idx)
     return kernels.block_output(
         hidden_states, query, key, value, attention_mask, att.scaling,

@@ -17,6 +17,7 @@ from hf_scratchgpt.speedups_scratchgpt import (
     ChunkedLinearCrossEntropy,
     DecodeLinear,
     KVCache,
+    KVCacheLayer,
     _decode_sdpa,
     chunked_causal_lm_loss,
     decode_sdpa_attention,
@@ -321,6 +322,24 @@ def test_kv_cache_of_one_generate_call_grows_by_doubling_in_the_next():
         stores.add(cache.layers[0].key_store.data_ptr())
     assert cache.layers[0].keys.shape[-2] == 33 and cache.layers[0].key_store.shape[-2] == 62  # 14 -> 30 -> 62
     assert len(stores) == 3
+
+
+def test_kv_cache_layer_offers_room_only_in_its_own_storage():
+    """`room_for`: where the fused decode step may write the next keys and values itself, and where `update` must."""
+    layer = KVCacheLayer()
+    step = torch.randn(2, 1, 12)  # (B, T, C) of 3 heads of 4
+    assert layer.room_for(step, 3) is None  # nothing stored yet
+    prompt = torch.randn(2, 3, 5, 4)
+    layer.update(prompt, prompt)
+    assert layer.room_for(step, 3) is None  # the prompt's storage is its own size: full
+    layer.update(prompt[:, :, :1], prompt[:, :, :1])  # 6 of 12 places
+    key_store, value_store, past = layer.room_for(step, 3)
+    assert key_store is layer.key_store and value_store is layer.value_store and past == 6
+    assert layer.room_for(torch.randn(2, 7, 12), 3) is None  # 6 + 7 > 12
+    assert layer.room_for(torch.randn(1, 1, 12), 3) is None  # another batch
+    assert layer.room_for(step.bfloat16(), 3) is None  # another dtype
+    layer.reorder_cache(torch.tensor([1, 0]))  # beam search: the keys are replaced, the storage no longer theirs
+    assert layer.room_for(step, 3) is None
 
 
 def test_kv_cache_never_holds_more_than_the_context():
