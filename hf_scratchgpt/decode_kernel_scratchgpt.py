@@ -246,10 +246,10 @@ void attend(const float* q, const T* k, const T* v, int64_t stride, int64_t Tk, 
       if (mask) s += mask[t * mask_stride];
     }
     scores[t] = s;
-    top = std::max(top, s);
+    if (s > top || std::isnan(s)) top = s;  // a NaN score makes a NaN output, as in ATen's kernels
   }
   std::fill(acc, acc + hs, 0.f);
-  if (top == -std::numeric_limits<float>::infinity()) {  // every key masked: zeros, as ATen's CPU kernel gives
+  if (top == -std::numeric_limits<float>::infinity()) {  // every key masked: zeros, as ATen's SDPA gives on the CPU
     for (int64_t i = 0; i < hs; ++i) out[i] = static_cast<T>(0.f);
     return;
   }
@@ -290,6 +290,9 @@ void attend_all(const torch::Tensor& query, const torch::Tensor& key, const torc
 // narrowed to its filled part is); mask none, bool or additive, broadcastable to (B, nh, 1, Tk). -> (B, nh, 1, hs)
 torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                                const c10::optional<torch::Tensor>& mask, double scaling) {
+  TORCH_CHECK(key.dim() == 4 && query.is_cpu() && key.is_cpu() && value.is_cpu() &&
+                  (!mask.has_value() || !mask->defined() || mask->is_cpu()),
+              "decode_attention: CPU tensors, keys and values (B, nh, Tk, hs)");
   const int64_t B = key.size(0), heads = key.size(1), Tk = key.size(2), hs = key.size(3);
   TORCH_CHECK(query.dim() == 4 && query.size(0) == B && query.size(1) == heads && query.size(2) == 1 &&
                   query.size(3) == hs && value.sizes() == key.sizes(),
@@ -339,7 +342,7 @@ std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const t
   std::vector<torch::Tensor> qkv =
       product(h, qkv_w, qkv_b, kernel).view({B, T, 3, n_heads, C / n_heads}).permute({2, 0, 3, 1, 4}).unbind(0);
   if (key_store.has_value() && value_store.has_value()) {
-    TORCH_CHECK(past + T <= key_store->size(2) && value_store->sizes() == key_store->sizes(),
+    TORCH_CHECK(past >= 0 && past + T <= key_store->size(2) && value_store->sizes() == key_store->sizes(),
                 "block_attention_input: no room in the cache's storage");
     key_store->narrow(2, past, T).copy_(qkv[1]);
     value_store->narrow(2, past, T).copy_(qkv[2]);

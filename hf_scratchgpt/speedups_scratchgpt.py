@@ -52,13 +52,15 @@ class DecodeLinear(nn.Linear):
 
     # (rows, out_features, in_features, dtype, threads) -> "linear", "split" or "kernel", for the process
     fastest_way: dict[tuple, str] = {}
+    max_rows = 16  # more rows than this are not decoding: F.linear
+    min_weights = 2**19  # 512K weights, from GPT-2 small's 768 x 768 up; fewer: F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # each `self.weight` is a lookup: read once (a step makes 49 calls)
         rows = x.numel() // x.shape[-1]
         if (
-            rows > 16
-            or self.in_features * self.out_features < 2**19  # 512K weights: from GPT-2 small's 768 x 768 up
+            rows > self.max_rows
+            or self.in_features * self.out_features < self.min_weights
             or torch.is_grad_enabled()
             or not x.is_cpu
             or torch.is_autocast_enabled("cpu")
@@ -80,7 +82,7 @@ class DecodeLinear(nn.Linear):
     def decode_way(self, rows: int, threads: int) -> str | None:
         """The way `forward` runs this layer's product of `rows` rows in decoding (no gradients, CPU, no autocast),
         None where it has not been measured yet."""
-        if rows > 16 or self.in_features * self.out_features < 2**19:
+        if rows > self.max_rows or self.in_features * self.out_features < self.min_weights:
             return "linear"
         dtype = self._parameters["weight"].dtype  # not `self.weight`: a decode step asks 48 times
         return self.fastest_way.get((rows, self.out_features, self.in_features, dtype, threads))
@@ -383,10 +385,11 @@ def fused_decode_block(
     own forward must run.
 
     It computes what the block's forward does, with each part's weights, but without calling the parts. So it runs
-    only where that is the same: no gradients, eval mode, the CPU, float32 or bfloat16, no autocast or compiling, no
-    keyword argument (output flags, packed sequences), eager or SDPA attention, every part the class the block
-    was built with (not a LoRA adapter, not another activation) and without hooks, and each product's way measured
-    by `DecodeLinear` (the first steps, run by the block's forward, measure them) and not the split.
+    only where that is the same: no gradients, eval mode, the CPU, float32 or bfloat16, no autocast, compiling or
+    tracing, no keyword argument (output flags, packed sequences), eager or SDPA attention, every part the class the
+    block was built with (not a LoRA adapter, not another activation) and called as it is (no hook, no forward
+    replaced, as accelerate's offloading does), and each product's way measured by `DecodeLinear` (the first
+    steps, run by the block's forward, measure them) and not the split. The cost: 4-5 us of checks a block.
     """
     if (
         hidden_states.shape[1] != 1
@@ -396,16 +399,21 @@ def fused_decode_block(
         or not hidden_states.is_cpu
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
     ):
         return None
-    # The parts straight from `_modules` and `_parameters`: `block.att` is a call of nn.Module.__getattr__, and the
-    # checks would otherwise cost a step a quarter of a millisecond.
-    norm1, att, norm2, ff, drop = (block._modules[name] for name in ("norm1", "att", "norm2", "ff", "drop_shortcut"))
-    qkv, out_proj, fc1, act, fc2 = att._modules["qkv"], att._modules["out_proj"], *ff._modules.values()
+    # The parts straight from `_modules`: `block.att` is a call of nn.Module.__getattr__, and the checks would
+    # otherwise cost a step a quarter of a millisecond.
+    modules, att_modules, ff_modules = block._modules, block._modules["att"]._modules, block._modules["ff"]._modules
+    norm1, att, norm2, ff, drop = (modules.get(name) for name in ("norm1", "att", "norm2", "ff", "drop_shortcut"))
+    qkv, out_proj = att_modules.get("qkv"), att_modules.get("out_proj")
+    fc1, act, fc2 = ff_modules.get("fc1"), ff_modules.get("act"), ff_modules.get("fc2")
     parts = (norm1, att, norm2, ff, drop, qkv, out_proj, fc1, act, fc2)
     if (
-        any(type(part) is not cls or part.training or part._forward_hooks or part._forward_pre_hooks
-            for part, cls in zip(parts, _stock_classes(type(block))))
+        any(type(part) is not cls or part.training or _hooked(part) for part, cls in zip(parts, _stock_classes(type(block))))
+        or act.approximate != "tanh"
+        or len(att_modules) != 2
+        or len(ff_modules) != 3
         or _global_forward_hooks()
         or att.config._attn_implementation not in ("eager", "sdpa")
         or (kernels := decode_kernels()) is None
@@ -415,39 +423,66 @@ def fused_decode_block(
     ways = [layer.decode_way(rows, threads) for layer in (qkv, out_proj, fc1, fc2)]
     if not all(way in ("kernel", "linear") for way in ways):
         return None
-    # A KVCacheLayer with room: this step's keys and values are written into its storage from C++.
-    layer = cache.layers[att.layer_idx] if cache is not None and att.layer_idx < len(cache.layers) else None
-    room = layer.room_for(hidden_states, att.n_heads) if type(layer) is KVCacheLayer else None
-    weight, bias = "weight", "bias"
+    # A KVCache's layer with room: this step's keys and values are written into its storage from C++.
+    layer = cache.layers[att.layer_idx] if type(cache) is KVCache and att.layer_idx < len(cache.layers) else None
+    room = layer.room_for(hidden_states, att.n_heads) if layer is not None else None
     query, key, value = kernels.block_attention_input(
-        hidden_states, norm1._parameters[weight], norm1._parameters[bias], norm1.eps, qkv._parameters[weight],
-        qkv._parameters[bias], att.n_heads, ways[0] == "kernel", *(room or (None, None, 0)),
+        hidden_states, *_weights(norm1), norm1.eps, *_weights(qkv), att.n_heads, ways[0] == "kernel",
+        *(room or (None, None, 0)),
     )
     if room is not None:
         layer.keys, layer.values = key, value  # all of them so far, as `update` leaves them
     elif cache is not None:  # append this step's keys and values; get back all of them so far
         key, value = cache.update(key, value, att.layer_idx)
     return kernels.block_output(
-        hidden_states, query, key, value, attention_mask, att.scaling,
-        out_proj._parameters[weight], out_proj._parameters[bias], norm2._parameters[weight], norm2._parameters[bias],
-        norm2.eps, fc1._parameters[weight], fc1._parameters[bias], fc2._parameters[weight], fc2._parameters[bias],
-        [way == "kernel" for way in ways[1:]],
+        hidden_states, query, key, value, attention_mask, att.scaling, *_weights(out_proj), *_weights(norm2),
+        norm2.eps, *_weights(fc1), *_weights(fc2), [way == "kernel" for way in ways[1:]],
     )
 
 
+def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    parameters = module._parameters  # not `module.weight`: nn.Module.__getattr__, 48 times a step
+    return parameters["weight"], parameters["bias"]
+
+
 @functools.cache
-def _stock_classes(block_class: type) -> tuple[type, ...]:
+def _stock_classes(block_class: type) -> tuple[type | None, ...]:
     """The classes of a block's parts as its file builds them, in `fused_decode_block`'s order: that file is
-    modeling_scratchgpt, wherever it was loaded from (the package, or a saved model's folder)."""
+    modeling_scratchgpt, wherever it was loaded from (the package, or a saved model's folder). None for a class a
+    subclass's file does not have: no part is of it, and the block runs its own forward."""
     code = sys.modules[block_class.__module__]
-    return (code.LayerNorm, code.MultiHeadAttention, code.LayerNorm, code.FeedForward, nn.Dropout,
-            DecodeLinear, DecodeLinear, DecodeLinear, code.GELU, DecodeLinear)
+    return tuple(
+        getattr(code, name, None) if isinstance(name, str) else name
+        for name in ("LayerNorm", "MultiHeadAttention", "LayerNorm", "FeedForward", nn.Dropout,
+                     DecodeLinear, DecodeLinear, DecodeLinear, "GELU", DecodeLinear)
+    )
+
+
+def _hooked(part: nn.Module) -> bool:
+    """Whether calling `part` runs more than its class's forward: a pre-hook, a forward replaced on the instance
+    (accelerate's offloading does so), or a forward hook other than the ones transformers' output capture leaves on
+    a model after its first call with `output_attentions` or `output_hidden_states`, which do nothing while no
+    call captures."""
+    if part._forward_pre_hooks or "forward" in part.__dict__:
+        return True
+    hooks = part._forward_hooks.values()
+    return any(getattr(hook, "__name__", None) != "output_capturing_hook" for hook in hooks) or (
+        bool(hooks) and _capturing_outputs()
+    )
 
 
 def _global_forward_hooks() -> bool:
     """Whether any hook was registered for every module's forward (`register_module_forward_hook` and the like)."""
     module = nn.modules.module
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def _capturing_outputs() -> bool:
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another transformers: take its hooks as hooks
+        return True
+    return bool(_active_collector.get())  # a call's outputs to collect (an empty dict while it collects none)
 
 
 def packed_sdpa_attention(
@@ -488,7 +523,6 @@ __all__ = [
     "KVCacheLayer",
     "chunked_causal_lm_loss",
     "decode_sdpa_attention",
-    "decode_sdpa_upcasts",
     "fused_decode_block",
     "measure_fastest",
     "packed_sdpa_attention",

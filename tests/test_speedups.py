@@ -552,14 +552,18 @@ def test_decode_attention_gives_sdpa_result(kernels, dtype, mask):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("way", ["kernel", "linear"])
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_decode_block_gives_the_logits_of_the_blocks_forward(kernels, two_threads, implementation, dtype):
+def test_fused_decode_block_gives_the_logits_of_the_blocks_forward(kernels, two_threads, way, implementation, dtype):
     """Decode steps of a model wide enough for the kernel (qkv 1,536 x 512, feed-forward 2,048 x 512), 2 sequences,
-    the first padded on the left, with the fused decode step against the blocks' own forward."""
+    the first padded on the left, with the fused decode step against the blocks' own forward, every product the
+    kernel's or ATen's (decided beforehand: nothing measured)."""
     torch.manual_seed(0)
     model = make_lm(emb_dim=512, n_heads=8, n_layers=2, vocab_size=2048).to(dtype)
     model.set_attn_implementation(implementation)
+    products = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+    DecodeLinear.fastest_way = {(2, m.out_features, m.in_features, dtype, 2): way for m in products}
     ids, tokens = torch.randint(0, 2048, (2, 6)), torch.randint(0, 2048, (2, 4))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[0, :2] = 0
@@ -584,34 +588,74 @@ def test_fused_decode_block_gives_the_logits_of_the_blocks_forward(kernels, two_
 
     ours, taken = decode(fused=True)
     theirs, _ = decode(fused=False)
-    assert taken[:2] == [False, False] and all(taken[4:])  # the prefill, the first step measures; then fused
+    assert taken == [False] * 2 + [True] * 8  # the prefill's two blocks, then every block of every step fused
     scale = theirs.abs().max()
     tolerance = 1e-5 if dtype == torch.float32 else 0.02
     assert (ours - theirs).abs().max() <= tolerance * scale
 
 
-def test_fused_decode_block_steps_aside_where_the_blocks_forward_differs(kernels):
-    """A tiny model (every product F.linear, nothing to measure) decodes fused; anything the fused step would not
-    see or do hands the step back to the block's own forward."""
+@pytest.fixture
+def decoding_block(kernels):
+    """A tiny model's first block (every product F.linear: nothing to measure), a decode step's input, and a call of
+    `fused_decode_block` on them with 5 positions already in the cache, the first sequence padded by 2."""
+    torch.manual_seed(0)
     model = make_lm()
     block = model.model.trf_blocks[0]
-    x = torch.randn(2, 1, model.config.emb_dim)
-    decode = lambda x=x, kwargs={}: speedups_scratchgpt.fused_decode_block(block, x, None, None, kwargs)  # noqa: E731
+    batch, past, width = 2, 5, model.config.emb_dim
+    keep = torch.ones(batch, 1, 1, past + 1, dtype=torch.bool)
+    keep[0, ..., :2] = False
+
+    keys, values = (torch.randn(batch, model.config.n_heads, past, width // model.config.n_heads) for _ in range(2))
+
+    def cache():
+        filled = KVCache()
+        filled.update(keys.clone(), values.clone(), block.att.layer_idx)
+        return filled
+
+    x = torch.randn(batch, 1, width)
+
+    def decode(x=x, kwargs=None):
+        return speedups_scratchgpt.fused_decode_block(block, x, keep, cache(), kwargs or {})
+
+    return model, block, x, keep, cache, decode
+
+
+def test_fused_decode_block_computes_the_blocks_step(decoding_block):
+    model, block, x, keep, cache, decode = decoding_block
     with torch.no_grad():
         fused = decode()
-        assert fused is not None
         with mock.patch.object(modeling_scratchgpt, "fused_decode_block", return_value=None):
-            torch.testing.assert_close(fused, block(x), atol=1e-5, rtol=1e-5)  # the block's own forward
+            own = block(x, attention_mask=keep, cache=cache())  # the block's own forward
+    assert fused is not None
+    torch.testing.assert_close(fused, own, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decode_block_steps_aside_where_the_blocks_forward_differs(decoding_block):
+    """Anything the fused step would not see or do hands the step back to the block's own forward."""
+    model, block, x, keep, cache, decode = decoding_block
+    with torch.no_grad():
+        assert decode() is not None
         assert decode(x.repeat(1, 2, 1)) is None  # two new tokens
+        assert decode(x.half()) is None
         assert decode(kwargs={"output_attentions": True}) is None
-        handle = block.ff.fc1.register_forward_hook(lambda *args: None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert decode() is None
+        for register in (block.ff.fc1.register_forward_hook, block.norm2.register_forward_pre_hook,
+                         torch.nn.modules.module.register_module_forward_hook):
+            handle = register(lambda *args: None)
+            assert decode() is None
+            handle.remove()
+        block.att.qkv.forward = lambda x: x  # a forward replaced on the instance, as accelerate's offloading does
         assert decode() is None
-        handle.remove()
+        del block.att.qkv.forward
         with mock.patch.object(DecodeLinear, "decode_way", return_value="split"):
             assert decode() is None
         block.att.train()
         assert decode() is None
         block.att.eval()
+        block.ff.act.approximate = "none"
+        assert decode() is None
+        block.ff.act.approximate = "tanh"
         gelu = block.ff.act
         block.ff.act = torch.nn.ReLU()  # another activation
         assert decode() is None
@@ -622,3 +666,27 @@ def test_fused_decode_block_steps_aside_where_the_blocks_forward_differs(kernels
         block.att.qkv = qkv
         assert decode() is not None
     assert decode() is None  # gradients on
+
+
+def test_generate_decodes_fused_also_after_a_call_capturing_outputs(kernels):
+    """`generate()` takes the fused step for every block of every step after the first; the hooks transformers
+    leaves on a model after a call with `output_attentions` do nothing outside such calls, and do not stop it."""
+    model = make_lm(eos_token_id=None)
+    model.set_attn_implementation("eager")  # attention weights to capture
+    ids = torch.randint(1, 1000, (1, 5))
+    with torch.no_grad():
+        captured = model(ids, output_attentions=True, output_hidden_states=True)
+    assert len(captured.attentions) == model.config.n_layers  # the hooks are on the model now
+    assert any(block.att._forward_hooks for block in model.model.trf_blocks)
+    taken = []
+    real = speedups_scratchgpt.fused_decode_block
+
+    def step(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    with mock.patch.object(modeling_scratchgpt, "fused_decode_block", step):
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    layers = model.config.n_layers
+    assert taken == [False] * layers + [True] * 3 * layers  # the prefill, then 3 decode steps
