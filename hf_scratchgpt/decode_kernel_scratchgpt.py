@@ -1,20 +1,24 @@
-"""Chapter 5's text generation, at memory speed: a matrix-vector kernel for decoding, built for this CPU on first use.
+"""Chapter 5's text generation, at memory speed: C++ decoding kernels, built for this CPU on first use.
 
 A decode step multiplies every weight matrix by one vector per sequence, so its time is the time to read the
 weights. BLAS libraries read them well below the machine's bandwidth there (MKL's fp32 product reads about 17 GB/s
-on an AMD EPYC that reads 50-80 GB/s, and bfloat16 weights no faster). The kernel below reads the weight rows in
-order, each against every row of the input, asking for the weights a few kilobytes ahead of its reads, all threads
-each on their own rows: each weight is read from memory once, whatever the number of sequences. It is C++ with the
-compilers' vector extensions, built by PyTorch's own `torch.utils.cpp_extension` with `-march=native` for the
-machine at hand (about 20 s once, then loaded from `TORCH_EXTENSIONS_DIR`); where it cannot be built (no compiler, no
-OpenMP) decoding goes on without it.
+on an AMD EPYC that reads 50-80 GB/s, and bfloat16 weights no faster). The matrix-vector kernel below reads the
+weight rows in order, each against every row of the input, asking for the weights a few kilobytes ahead of its
+reads, all threads each on their own rows: each weight is read from memory once, whatever the number of sequences.
 `DecodeLinear` (in `speedups_scratchgpt.py`) times it against the other ways and takes it only where it is faster.
 
-Between the products, a decode step of GPT-2 small spends more time in Python than in its other operators (1.5 ms
-of a 12 ms step at 55 GB/s). So the same build holds a transformer block's decode step in two calls,
-`block_attention_input` and `block_output`: the block's math operator by operator, ATen's operators and the
-products, each called from C++ (`fused_decode_block` in `speedups_scratchgpt.py` calls them).
-Set `SCRATCHGPT_DECODE_KERNEL=0` to never build or use any of it.
+Between the products, a decode step spent more time in Python than in its other operators: GPT-2 small's 49
+products took 9.4 ms of a 12.0 ms step at 55 GB/s, and replaced by zeros, the model's step still took 1.3 ms.
+So the same build holds a transformer block's decode step in two calls, `block_attention_input` and
+`block_output` (`fused_decode_block` in `speedups_scratchgpt.py` calls them): the block's math operator by
+operator, ATen's operators and the products called from C++, and the attention of one query over the cache by
+`decode_attention` (ATen's SDPA took 40-50 us a layer there at 100 keys, with the keys and values no longer in the
+caches; this kernel 15-30). The step now takes 10.6-10.9 ms.
+
+It is C++ with the compilers' vector extensions, built by PyTorch's own `torch.utils.cpp_extension` with
+`-march=native` for the machine at hand (about 20 s once, then loaded from `TORCH_EXTENSIONS_DIR`), the first time a
+model decodes; where it cannot be built (no compiler, no OpenMP) decoding goes on without it. Set
+`SCRATCHGPT_DECODE_KERNEL=0` to never build or use any of it.
 
 This file is copied beside a saved model's code, like `speedups_scratchgpt.py`: it imports only torch.
 """
@@ -215,8 +219,8 @@ torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional
 
 // --- A decode step's attention --------------------------------------------------------------------------------
 // One query per sequence and head against all its keys and values so far: softmax(q . k * scaling + mask) . v,
-// in float32. ATen's SDPA takes 40 us a layer for this at 100 keys of GPT-2 small inside a decode step (its keys
-// and values no longer in the caches after the products), where reading them takes about 10.
+// in float32 sums, each (sequence, head) on one thread. ATen's SDPA took 40-50 us a layer for this at 100 keys of
+// GPT-2 small inside a decode step (the keys and values no longer in the caches after the products), this 15-30.
 
 inline f16v load16(const float* p) { return *reinterpret_cast<const f16v*>(p); }
 inline f16v load16(const at::BFloat16* p) {  // 16 bfloat16s, each widened to the float32 whose top half it is
@@ -320,8 +324,9 @@ torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& 
 
 // --- A transformer block's decode step (chapter 4.5) in two calls ----------------------------------------------
 // ScratchGPTBlock's math for one new token, operator by operator: ATen's operators, and the products on the kernel
-// above or on ATen's `linear`, as DecodeLinear measured fastest for each (`kernel`, `kernels`). Python spends about
-// 100 us a block between the products of a step otherwise; the two calls take a tenth of that.
+// above or on ATen's `linear`, as DecodeLinear measured fastest for each (`kernel`, `kernels`). Called from Python
+// one operator at a time, a block of GPT-2 small spent 100-140 us of a decode step between its products; the two
+// calls and the checks before them about 40.
 
 torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
                       bool kernel) {
@@ -401,15 +406,15 @@ def _machine() -> str:
 
 def build_decode_kernels(extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     """The kernels compiled for this machine, or loaded from an earlier build of the same source for the same
-    machine: a module of `decode_linear(x, weight, bias)`, `block_attention_input(...)` and `block_output(...)`;
-    raises where they cannot be built. `extra_cflags` go to the compiler after `-march=native`."""
+    machine: a module of `decode_linear(x, weight, bias)`, `decode_attention(query, key, value, mask, scaling)`,
+    `block_attention_input(...)` and `block_output(...)`; raises where they cannot be built. `extra_cflags` go to the compiler after `-march=native`."""
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(f"{SOURCE}{_machine()}{extra_cflags}".encode()).hexdigest()[:16]
     name = f"scratchgpt_decode_{digest}"
     folder = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(), name)
     if not os.path.exists(os.path.join(folder, f"{name}.so")):
-        logger.warning("ScratchGPT: building its decoding kernel for this CPU (once, about 20 seconds)")
+        logger.warning("ScratchGPT: building its decoding kernels for this CPU (once, about 20 seconds)")
     os.makedirs(folder, exist_ok=True)
     lock = os.path.join(folder, "lock")  # torch's: held while one process builds; others wait for it without end
     if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:

@@ -5,9 +5,10 @@ attention (chapter 3), the transformer block, the GPT model (chapter 4), then th
 (chapter 5) and classification (chapter 6), with the loading of GPT-2's and the book's weights (chapter 5).
 
 The speed work lives beside this file, in `speedups_scratchgpt.py`: `DecodeLinear` (an `nn.Linear` that decodes
-on all CPU cores), `KVCache` (the book's KV cache, appended in place) and the chunked training loss. Both files
-are copied next to the weights by `save_pretrained`, so that anyone can load a saved model with
-`trust_remote_code=True`: they import only torch, transformers and their siblings in this folder.
+on all CPU cores), `fused_decode_block` (a block's decode step in two calls of C++, which `ScratchGPTBlock` tries
+first), `KVCache` (the book's KV cache, appended in place) and the chunked training loss. These files are copied
+next to the weights by `save_pretrained`, so that anyone can load a saved model with `trust_remote_code=True`: they
+import only torch, transformers and their siblings in this folder.
 """
 
 import math

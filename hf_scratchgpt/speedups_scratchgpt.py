@@ -1,5 +1,5 @@
-"""Chapters 3-5, the speed work beside the book's model: a decode-friendly linear layer, an in-place KV cache and a
-chunked training loss.
+"""Chapters 3-5, the speed work beside the book's model: a decode-friendly linear layer, a fused decode step, an
+in-place KV cache and a chunked training loss.
 
 None of it changes what the model computes; each piece changes how fast, or in how much memory:
 
@@ -9,7 +9,10 @@ None of it changes what the model computes; each piece changes how fast, or in h
   copying all earlier keys and values at every generated token;
 - `ChunkedLinearCrossEntropy` / `chunked_causal_lm_loss`: the training loss without the (tokens x vocabulary)
   logits in memory;
-- `decode_sdpa_attention`: a decode step's SDPA in float32 for a 16-bit model on the CPU, where measured faster;
+- `fused_decode_block`: a transformer block's decode step on the CPU in two calls of C++ (the kernels' file), not
+  some 25 operators called from Python; `KVCacheLayer.room_for` lets it write the step's keys and values itself;
+- `decode_sdpa_attention`: a decode step's SDPA in float32 for a 16-bit model on the CPU, where measured faster
+  (for the steps `fused_decode_block` leaves to the block's own forward);
 - `packed_sdpa_attention`: packed sequences attended one by one, each with SDPA's causal kernel, instead of the
   whole row under a block-diagonal mask (flash attention's variable-length kernels, for any device).
 
