@@ -407,7 +407,8 @@ def _machine() -> str:
 def build_decode_kernels(extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     """The kernels compiled for this machine, or loaded from an earlier build of the same source for the same
     machine: a module of `decode_linear(x, weight, bias)`, `decode_attention(query, key, value, mask, scaling)`,
-    `block_attention_input(...)` and `block_output(...)`; raises where they cannot be built. `extra_cflags` go to the compiler after `-march=native`."""
+    `block_attention_input(...)` and `block_output(...)`; raises where they cannot be built. `extra_cflags` go to
+    the compiler after `-march=native`."""
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(f"{SOURCE}{_machine()}{extra_cflags}".encode()).hexdigest()[:16]

@@ -196,8 +196,9 @@ class KVCacheLayer(DynamicLayer):
         return self.keys, self.values
 
     def _store_holds(self, batch_heads: tuple[int, int], dtype: torch.dtype, total: int) -> bool:
-        """Whether the storage takes `total` positions of keys and values of this batch, heads and dtype, and is still
-        this layer's (`crop` keeps the views of it; reordering or selecting rows, as beam search does, replaces them)."""
+        """Whether the storage takes `total` positions of keys and values of this batch, heads and dtype, and is
+        still this layer's (`crop` keeps the views of it; reordering or selecting rows, as beam search does, replaces
+        them)."""
         store = self.key_store
         return (
             store is not None
@@ -407,13 +408,14 @@ def fused_decode_block(
         return None
     # The parts straight from `_modules`: `block.att` is a call of nn.Module.__getattr__, and the checks would
     # otherwise cost a step a quarter of a millisecond.
-    modules, att_modules, ff_modules = block._modules, block._modules["att"]._modules, block._modules["ff"]._modules
+    modules = block._modules
     norm1, att, norm2, ff, drop = (modules.get(name) for name in ("norm1", "att", "norm2", "ff", "drop_shortcut"))
+    att_modules, ff_modules = getattr(att, "_modules", {}), getattr(ff, "_modules", {})
     qkv, out_proj = att_modules.get("qkv"), att_modules.get("out_proj")
     fc1, act, fc2 = ff_modules.get("fc1"), ff_modules.get("act"), ff_modules.get("fc2")
-    parts = (norm1, att, norm2, ff, drop, qkv, out_proj, fc1, act, fc2)
+    parts = zip((norm1, att, norm2, ff, drop, qkv, out_proj, fc1, act, fc2), _stock_classes(type(block)))
     if (
-        any(type(part) is not cls or part.training or _hooked(part) for part, cls in zip(parts, _stock_classes(type(block))))
+        any(type(part) is not cls or part.training or _hooked(part) for part, cls in parts)
         or act.approximate != "tanh"
         or len(att_modules) != 2
         or len(ff_modules) != 3
