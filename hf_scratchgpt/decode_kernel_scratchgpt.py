@@ -139,11 +139,20 @@ struct BF16 {
   static uint16_t from_float(float v) { return float_to_bf16(v); }
 };
 
-// How far ahead of its reads a thread asks for the weights (software prefetch, one request per 64 bytes read). On
-// an AMD EPYC (Zen 5) whose `sum` reads 50 GB/s, GPT-2 small's products read 48-50 GB/s (float32) and 47-48
-// (bfloat16) with the hardware's prefetchers alone, 53-54 with 2, 4 or 8 KB; 8 KB was best with 8 rows of x.
-// A prefetch never faults, past the end of the weight too.
-constexpr int64_t kPrefetchBytes = 8192;
+// How far ahead of its reads a thread asks for the weights (software prefetch, one request per 64 bytes read), and
+// into which caches. On an AMD EPYC (Zen 5) whose `sum` reads 50 GB/s, GPT-2 small's products read 48-50 GB/s
+// (float32) and 47-48 (bfloat16) with the hardware's prefetchers alone, 53-54 with 2, 4 or 8 KB; 8 KB was best with
+// 8 rows of x. Into all cache levels (locality 3): a non-temporal prefetch (0) read as fast on that AMD, but half as
+// fast on an Intel Xeon with AMX (2 threads: 10.6 against 22.9 GB/s, `sum` 23.5; 16 threads: 35 against 94).
+// A prefetch never faults, past the end of the weight too. Both can be set at build time (`extra_cflags`): distance
+// 0 for none, locality 0 (non-temporal) to 3.
+#ifndef SCRATCHGPT_PREFETCH_BYTES
+#define SCRATCHGPT_PREFETCH_BYTES 8192
+#endif
+#ifndef SCRATCHGPT_PREFETCH_LOCALITY
+#define SCRATCHGPT_PREFETCH_LOCALITY 3
+#endif
+constexpr int64_t kPrefetchBytes = SCRATCHGPT_PREFETCH_BYTES;
 
 // y[r, o] = x[r] . w[o] (+ bias[o]) for the weight rows o in [begin, end), one after another as they lie in memory,
 // each against every row of x (a weight row is read from memory once, then from the L1 cache). Four sums a row, so
@@ -159,10 +168,10 @@ void weight_rows(const typename K::T* w, const void* x, int64_t x_row_bytes, con
       f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};
       int64_t k = 0;
       for (; k < by_four; k += 4 * K::kStep) {
-        if (r == 0) {  // as an integer: a pointer past the end of the weight would be undefined
+        if (kPrefetchBytes > 0 && r == 0) {  // as an integer: a pointer past the end of the weight is undefined
           const uintptr_t ahead = reinterpret_cast<uintptr_t>(wr + k) + kPrefetchBytes;
           for (int line = 0; line < 4; ++line)
-            __builtin_prefetch(reinterpret_cast<const void*>(ahead + 64 * line), 0, 0);
+            __builtin_prefetch(reinterpret_cast<const void*>(ahead + 64 * line), 0, SCRATCHGPT_PREFETCH_LOCALITY);
         }
         a0 = K::dot(wr, xr, k, a0);
         a1 = K::dot(wr, xr, k + K::kStep, a1);

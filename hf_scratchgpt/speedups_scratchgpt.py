@@ -278,7 +278,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             row_max = logits.amax(dim=-1, keepdim=True)
             exps = logits.sub_(row_max).exp_()  # in place: one (n, V) buffer all along
             sum_exps = exps.sum(dim=-1, keepdim=True)
-            loss += ((row_max + sum_exps.log() - target_logits) * valid).sum()  # log-sum-exp minus target logit
+            # log-sum-exp minus target logit; not `+=`: torch 2.11's compile routes the gradient of an output
+            # changed in place to the wrong slot (pytorch#180642), so nothing would train
+            loss = loss + ((row_max + sum_exps.log() - target_logits) * valid).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
             # d loss / d logits = softmax - one-hot, and 0 on ignored rows: scale by valid / sum, subtract valid.

@@ -96,6 +96,25 @@ def test_chunked_training_loss_equals_the_plain_loss_and_gradients(chunk_size):
         torch.testing.assert_close(chunked_grads[name], grad, msg=name)
 
 
+@pytest.mark.slow
+def test_compiled_chunked_loss_gives_the_eager_gradients():
+    # torch 2.11's compile sent the gradient of an output changed in place inside an autograd.Function to the wrong
+    # slot (pytorch#180642): the chunked loss's `loss += ...` left every gradient zero on an H100, and nothing trained
+    x = torch.randint(0, 1000, (2, 24))
+    results = []
+    for compiled in (False, True):
+        model = make_lm(loss_chunk_size=8).train()
+        forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        loss = forward(x, labels=x).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager)
+    assert all(grad.abs().sum() > 0 for grad in eager_grads.values())
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, msg=name)
+
+
 @pytest.fixture
 def two_threads(monkeypatch):
     """Two threads, and no decode-linear measurement kept from an earlier test."""
