@@ -27,7 +27,7 @@ Run it from the repository root:
     python benchmarks/bench.py --quick                   # small shape, under 2 minutes on 2 CPU cores
     python benchmarks/bench.py                           # small and GPT-2 small, eager and sdpa (~10-15 minutes)
     python benchmarks/bench.py --device cuda --only bf16-train --shapes gpt2-small --attn sdpa --context 1024 \
-        --batch 16 --steps 8 --compile --peak-tflops 989    # the GPU row: bf16 autocast, compiled, H100's peak
+        --batch 32 --steps 8 --compile --peak-tflops 989    # the GPU row: bf16 autocast, compiled, H100's peak
 
 `--only` picks parts (train, bf16-train, generate, decode, memory).
 
