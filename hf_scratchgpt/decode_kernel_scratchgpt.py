@@ -142,8 +142,9 @@ struct BF16 {
 // How far ahead of its reads a thread asks for the weights (software prefetch, one request per 64 bytes read), and
 // into which caches. On an AMD EPYC (Zen 5) whose `sum` reads 50 GB/s, GPT-2 small's products read 48-50 GB/s
 // (float32) and 47-48 (bfloat16) with the hardware's prefetchers alone, 53-54 with 2, 4 or 8 KB; 8 KB was best with
-// 8 rows of x. Into all cache levels (locality 3): a non-temporal prefetch (0) read as fast on that AMD, but half as
-// fast on an Intel Xeon with AMX (2 threads: 10.6 against 22.9 GB/s, `sum` 23.5; 16 threads: 35 against 94).
+// 8 rows of x. Into all cache levels (locality 3): a non-temporal prefetch (0) read as fast on that AMD (a whole
+// step 1% faster), but half as fast on an Intel Xeon with AMX (2 threads: 10.6 against 22.9 GB/s, `sum` 23.5; 16
+// threads: 35 against 94).
 // A prefetch never faults, past the end of the weight too. Both can be set at build time (`extra_cflags`): distance
 // 0 for none, locality 0 (non-temporal) to 3.
 #ifndef SCRATCHGPT_PREFETCH_BYTES
