@@ -1,17 +1,18 @@
 """Chapter 4's generation loop, one decode step taken apart: where a batch-1 step's time goes on this machine.
 
-    python benchmarks/decode_breakdown.py                     # GPT-2 small, float32 and bfloat16: about a minute
+    python benchmarks/decode_breakdown.py                     # GPT-2 small, float32 and bfloat16: under a minute
     python benchmarks/decode_breakdown.py --dtypes float32 --rounds 11 --json decode.json
 
 A batch-1 decode step is bound by reading the weights once, so the step is set against that limit and against its
-own matrix-vector products. For each dtype, one process builds ScratchGPT (random weights, GPT-2 small's shape,
-context 1,024, as `bench.py` does), lets `DecodeLinear` measure its ways in a first `generate()`, then times in turn,
-`--rounds` rounds after a warm-up, each figure the median:
+own matrix-vector products. For each dtype in turn, the process builds ScratchGPT (random weights, GPT-2 small's
+shape, context 1,024, as `bench.py` does), lets `DecodeLinear` measure its ways in a first `generate()`, then times
+in turn, `--rounds` rounds after a warm-up, each figure the median:
 
 - read: the best of 5 `torch.sum`s over 256 MiB, the bandwidth of the weight-read limit (the bytes of the blocks
   and the head over it);
 - products: the step's matrix-vector products (4 a block and the head) back to back, on the model's own weights,
-  each way `DecodeLinear` can take (`kernel`, `linear`, `split`), and in the ways it chose;
+  each way `DecodeLinear` can take (`kernel`, `linear`, `split`), and in the ways it chose (each run the median of
+  11 passes, as many as the steps of a run);
 - step: the time between two tokens inside `generate()` after a 100-token prompt (`bench.py`'s `StepClock`),
   with the fused decode step (`fused_decode_block`, the default) and with each block's own forward.
 
@@ -35,9 +36,10 @@ from hf_scratchgpt.speedups_scratchgpt import DecodeLinear
 PROMPT_TOKENS = 100
 
 
-def products_run(layers: list[DecodeLinear], way: str | None) -> Callable[[], float] | None:
+def products_run(layers: list[DecodeLinear], way: str | None, passes_per_run: int) -> Callable[[], float] | None:
     """A run that times each layer's product of one row back to back, all the way `way` (None: the way
-    `DecodeLinear` chose for each), or None where some layer cannot take that way here."""
+    `DecodeLinear` chose for each), the median of `passes_per_run` passes; None where some layer cannot take that
+    way here."""
     threads = torch.get_num_threads()
     calls = []
     for layer in layers:
@@ -50,10 +52,13 @@ def products_run(layers: list[DecodeLinear], way: str | None) -> Callable[[], fl
 
     @torch.no_grad()  # as in generate(): the weights require gradients
     def run() -> float:
-        start = time.perf_counter()
-        for call in calls:
-            call()
-        return time.perf_counter() - start
+        passes = []
+        for _ in range(passes_per_run):  # the median, as a step's figure is the median of a generate()'s steps
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            passes.append(time.perf_counter() - start)
+        return statistics.median(passes)
 
     return run
 
@@ -76,7 +81,7 @@ def measure(dtype: str, rounds: int, shape: str) -> dict:
     runs: dict[str, Callable[[], float]] = {}
     runs["read"], read_bytes = bench.read_run(settings)
     for way in ("kernel", "linear", "split", None):
-        if (run := products_run(layers, way)) is not None:
+        if (run := products_run(layers, way, settings.decode_new - 1)) is not None:
             runs[f"products: {way or 'the ways chosen'}"] = run
     runs["step: fused blocks"] = step_run(model, prompt, settings, fused=True)
     runs["step: blocks' own forward"] = step_run(model, prompt, settings, fused=False)

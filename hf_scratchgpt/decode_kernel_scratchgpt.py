@@ -145,8 +145,9 @@ struct BF16 {
 // 8 rows of x. Into all cache levels (locality 3): a non-temporal prefetch (0) read as fast on that AMD (a whole
 // step 1% faster), but half as fast on an Intel Xeon with AMX (2 threads: 10.6 against 22.9 GB/s, `sum` 23.5; 16
 // threads: 35 against 94).
-// A prefetch never faults, past the end of the weight too. Both can be set at build time (`extra_cflags`): distance
-// 0 for none, locality 0 (non-temporal) to 3.
+// A prefetch never faults, past the end of the weight too. Both can be set for a build of one's own (`-D` in
+// `build_decode_kernels`' `extra_cflags`, to measure variants; models use `decode_kernels()`'s default build):
+// distance 0 for none, locality 0 (non-temporal) to 3.
 #ifndef SCRATCHGPT_PREFETCH_BYTES
 #define SCRATCHGPT_PREFETCH_BYTES 8192
 #endif
@@ -154,6 +155,9 @@ struct BF16 {
 #define SCRATCHGPT_PREFETCH_LOCALITY 3
 #endif
 constexpr int64_t kPrefetchBytes = SCRATCHGPT_PREFETCH_BYTES;
+static_assert(kPrefetchBytes >= 0, "SCRATCHGPT_PREFETCH_BYTES: 0 (no prefetch) or more");
+static_assert(SCRATCHGPT_PREFETCH_LOCALITY >= 0 && SCRATCHGPT_PREFETCH_LOCALITY <= 3,
+              "SCRATCHGPT_PREFETCH_LOCALITY: 0 (non-temporal) to 3 (all cache levels)");  // else GCC warns, takes 0
 
 // y[r, o] = x[r] . w[o] (+ bias[o]) for the weight rows o in [begin, end), one after another as they lie in memory,
 // each against every row of x (a weight row is read from memory once, then from the L1 cache). Four sums a row, so

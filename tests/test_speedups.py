@@ -100,7 +100,9 @@ def test_chunked_training_loss_equals_the_plain_loss_and_gradients(chunk_size):
 def test_compiled_chunked_loss_gives_the_eager_gradients():
     # torch 2.11's compile sent the gradient of an output changed in place inside an autograd.Function to the wrong
     # slot (pytorch#180642): with the chunked loss's `loss += ...`, a compiled model did not learn on an H100
-    x = torch.randint(0, 1000, (2, 24))
+    hidden, weight = torch.randn(16, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    assert ChunkedLinearCrossEntropy.apply(hidden, weight, torch.randint(0, 50, (16,)), 4)._version == 0  # not in place
+    x = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     results = []
     for compiled in (False, True):
         model = make_lm(loss_chunk_size=8).train()
