@@ -803,10 +803,10 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
 
 def decode_linear_choices() -> dict[str, str]:
     """Which way `DecodeLinear` measured fastest for each shape in this process: `F.linear`, the split `bmm` or
-    ScratchGPT's kernel."""
+    ScratchGPT's kernel (its weights prefetched into the caches or non-temporally)."""
     from hf_scratchgpt.speedups_scratchgpt import DecodeLinear
 
-    names = {"linear": "F.linear", "split": "split bmm", "kernel": "kernel"}
+    names = {"linear": "F.linear", "split": "split bmm", "kernel": "kernel", "kernel-nt": "kernel (non-temporal)"}
     return {f"{rows}x{out}x{inp} {str(dtype).removeprefix('torch.')}": names[way]
             for (rows, out, inp, dtype, _threads), way in DecodeLinear.fastest_way.items()}
 

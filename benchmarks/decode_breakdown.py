@@ -11,8 +11,8 @@ in turn, `--rounds` rounds after a warm-up, each figure the median:
 - read: the best of 5 `torch.sum`s over 256 MiB, the bandwidth of the weight-read limit (the bytes of the blocks
   and the head over it);
 - products: the step's matrix-vector products (4 a block and the head) back to back, on the model's own weights,
-  each way `DecodeLinear` can take (`kernel`, `linear`, `split`), and in the ways it chose (each run the median of
-  11 passes, as many as the steps of a run);
+  each way `DecodeLinear` can take (`kernel`, `kernel-nt`, `linear`, `split`), and in the ways it chose (each run
+  the median of 11 passes, as many as the steps of a run);
 - step: the time between two tokens inside `generate()` after a 100-token prompt (`bench.py`'s `StepClock`),
   with the fused decode step (`fused_decode_block`, the default) and with each block's own forward.
 
@@ -80,7 +80,7 @@ def measure(dtype: str, rounds: int, shape: str) -> dict:
     layers = [module for module in model.modules() if isinstance(module, DecodeLinear)]
     runs: dict[str, Callable[[], float]] = {}
     runs["read"], read_bytes = bench.read_run(settings)
-    for way in ("kernel", "linear", "split", None):
+    for way in ("kernel", "kernel-nt", "linear", "split", None):
         if (run := products_run(layers, way, settings.decode_new - 1)) is not None:
             runs[f"products: {way or 'the ways chosen'}"] = run
     runs["step: fused blocks"] = step_run(model, prompt, settings, fused=True)

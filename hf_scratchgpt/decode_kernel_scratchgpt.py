@@ -139,30 +139,27 @@ struct BF16 {
   static uint16_t from_float(float v) { return float_to_bf16(v); }
 };
 
-// How far ahead of its reads a thread asks for the weights (software prefetch, one request per 64 bytes read), and
-// into which caches. On an AMD EPYC (Zen 5) whose `sum` reads 50 GB/s, GPT-2 small's products read 48-50 GB/s
-// (float32) and 47-48 (bfloat16) with the hardware's prefetchers alone, 53-54 with 2, 4 or 8 KB; 8 KB was best with
-// 8 rows of x. Into all cache levels (locality 3): a non-temporal prefetch (0) read as fast on that AMD (a whole
-// step 1% faster), but half as fast on an Intel Xeon with AMX (2 threads: 10.6 against 22.9 GB/s, `sum` 23.5; 16
-// threads: 35 against 94).
-// A prefetch never faults, past the end of the weight too. Both can be set for a build of one's own (`-D` in
-// `build_decode_kernels`' `extra_cflags`, to measure variants; models use `decode_kernels()`'s default build):
-// distance 0 for none, locality 0 (non-temporal) to 3.
+// How far ahead of its reads a thread asks for the weights (software prefetch, one request per 64 bytes read). On
+// an AMD EPYC (Zen 5) whose `sum` reads 50 GB/s, GPT-2 small's products read 48-50 GB/s (float32) and 47-48
+// (bfloat16) with the hardware's prefetchers alone, 53-54 with 2, 4 or 8 KB; 8 KB was best with 8 rows of x. A
+// prefetch never faults, past the end of the weight too. `-DSCRATCHGPT_PREFETCH_BYTES=N` in `build_decode_kernels`'
+// `extra_cflags` sets it for a build of one's own (0: none).
 #ifndef SCRATCHGPT_PREFETCH_BYTES
 #define SCRATCHGPT_PREFETCH_BYTES 8192
 #endif
-#ifndef SCRATCHGPT_PREFETCH_LOCALITY
-#define SCRATCHGPT_PREFETCH_LOCALITY 3
-#endif
 constexpr int64_t kPrefetchBytes = SCRATCHGPT_PREFETCH_BYTES;
 static_assert(kPrefetchBytes >= 0, "SCRATCHGPT_PREFETCH_BYTES: 0 (no prefetch) or more");
-static_assert(SCRATCHGPT_PREFETCH_LOCALITY >= 0 && SCRATCHGPT_PREFETCH_LOCALITY <= 3,
-              "SCRATCHGPT_PREFETCH_LOCALITY: 0 (non-temporal) to 3 (all cache levels)");  // else GCC warns, takes 0
+
+// Into which caches the prefetch brings the weights is the caller's choice (`non_temporal`), as the best one
+// depends on the CPU: non-temporal (locality 0) leaves the caches to the rest of a decode step, whose whole step was
+// 7% faster for it on the AMD EPYC above (1% in its faster bandwidth state), the products alone as fast; on an Intel
+// Xeon with AMX it halved the products' speed (2 threads: 10.6 against 22.9 GB/s into all levels, `sum` 23.5; 16
+// threads: 35 against 94). DecodeLinear measures both.
 
 // y[r, o] = x[r] . w[o] (+ bias[o]) for the weight rows o in [begin, end), one after another as they lie in memory,
 // each against every row of x (a weight row is read from memory once, then from the L1 cache). Four sums a row, so
 // the additions overlap. `x` holds the rows of x as `prepare` made them.
-template <typename K>
+template <typename K, int Locality>
 void weight_rows(const typename K::T* w, const void* x, int64_t x_row_bytes, const typename K::T* bias,
                  typename K::T* y, int64_t rows, int64_t out, int64_t in, int64_t begin, int64_t end) {
   const int64_t by_four = in - in % (4 * K::kStep), whole = in - in % K::kStep;
@@ -176,7 +173,7 @@ void weight_rows(const typename K::T* w, const void* x, int64_t x_row_bytes, con
         if (kPrefetchBytes > 0 && r == 0) {  // as an integer: a pointer past the end of the weight is undefined
           const uintptr_t ahead = reinterpret_cast<uintptr_t>(wr + k) + kPrefetchBytes;
           for (int line = 0; line < 4; ++line)
-            __builtin_prefetch(reinterpret_cast<const void*>(ahead + 64 * line), 0, SCRATCHGPT_PREFETCH_LOCALITY);
+            __builtin_prefetch(reinterpret_cast<const void*>(ahead + 64 * line), 0, Locality);
         }
         a0 = K::dot(wr, xr, k, a0);
         a1 = K::dot(wr, xr, k + K::kStep, a1);
@@ -192,7 +189,7 @@ void weight_rows(const typename K::T* w, const void* x, int64_t x_row_bytes, con
 }
 
 template <typename K, typename Scalar>
-torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
+torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, bool non_temporal) {
   const int64_t rows = x.size(0), out = weight.size(0), in = weight.size(1);
   torch::Tensor buffer;
   const void* xp = K::prepare(x, buffer);
@@ -202,14 +199,18 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& weight, const tor
   torch::Tensor y = torch::empty({rows, out}, x.options());
   auto* yp = reinterpret_cast<typename K::T*>(y.data_ptr<Scalar>());
   at::parallel_for(0, out, 64, [&](int64_t first, int64_t last) {  // each thread its own rows of the weight
-    weight_rows<K>(w, xp, x_row_bytes, b, yp, rows, out, in, first, last);
+    if (non_temporal)
+      weight_rows<K, 0>(w, xp, x_row_bytes, b, yp, rows, out, in, first, last);
+    else
+      weight_rows<K, 3>(w, xp, x_row_bytes, b, yp, rows, out, in, first, last);
   });
   return y;
 }
 
 // x (..., in) @ weight (out, in).T + bias -> (..., out), as F.linear: float32 or bfloat16, all three alike; float32
-// sums.
-torch::Tensor kernel_linear(torch::Tensor x, torch::Tensor weight, const c10::optional<torch::Tensor>& bias) {
+// sums. The weights are prefetched non-temporally or into all cache levels (above).
+torch::Tensor kernel_linear(torch::Tensor x, torch::Tensor weight, const c10::optional<torch::Tensor>& bias,
+                            bool non_temporal) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1) && weight.size(1) > 0,
               "decode_linear: shapes do not fit");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear: CPU tensors only");
@@ -222,13 +223,15 @@ torch::Tensor kernel_linear(torch::Tensor x, torch::Tensor weight, const c10::op
   out_sizes.back() = weight.size(0);
   x = x.reshape({-1, weight.size(1)}).contiguous();
   weight = weight.contiguous();
-  torch::Tensor y = dtype == at::kFloat ? run<F32, float>(x, weight, b) : run<BF16, at::BFloat16>(x, weight, b);
+  torch::Tensor y = dtype == at::kFloat ? run<F32, float>(x, weight, b, non_temporal)
+                                        : run<BF16, at::BFloat16>(x, weight, b, non_temporal);
   return y.view(out_sizes);
 }
 
-torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                            bool non_temporal) {
   pybind11::gil_scoped_release no_gil;  // as torch's own operators do: other Python threads run meanwhile
-  return kernel_linear(x, weight, bias);
+  return kernel_linear(x, weight, bias, non_temporal);
 }
 
 // --- A decode step's attention --------------------------------------------------------------------------------
@@ -338,13 +341,15 @@ torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& 
 
 // --- A transformer block's decode step (chapter 4.5) in two calls ----------------------------------------------
 // ScratchGPTBlock's math for one new token, operator by operator: ATen's operators, and the products on the kernel
-// above or on ATen's `linear`, as DecodeLinear measured fastest for each (`kernel`, `kernels`). Called from Python
+// above or on ATen's `linear`, as DecodeLinear measured fastest for each (`way`, `ways`). Called from Python
 // one operator at a time, a block of GPT-2 small spent 100-140 us of a decode step between its products; the two
 // calls and the checks before them about 40.
 
+// `way`: DecodeLinear's name of it, "kernel", "kernel-nt" (the kernel, non-temporal) or "linear".
 torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
-                      bool kernel) {
-  return kernel ? kernel_linear(x, w, b) : at::linear(x, w, b);
+                      const std::string& way) {
+  TORCH_CHECK(way == "kernel" || way == "kernel-nt" || way == "linear", "no product way ", way);
+  return way == "linear" ? at::linear(x, w, b) : kernel_linear(x, w, b, way == "kernel-nt");
 }
 
 // norm1, then the fused query/key/value product, split into heads: x (B, T, C) -> query, key, value (B, nh, T, hs).
@@ -353,13 +358,14 @@ torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, const c10:
 std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const torch::Tensor& norm_w,
                                                  const torch::Tensor& norm_b, double eps, const torch::Tensor& qkv_w,
                                                  const c10::optional<torch::Tensor>& qkv_b, int64_t n_heads,
-                                                 bool kernel, const c10::optional<torch::Tensor>& key_store,
+                                                 const std::string& way,
+                                                 const c10::optional<torch::Tensor>& key_store,
                                                  const c10::optional<torch::Tensor>& value_store, int64_t past) {
   pybind11::gil_scoped_release no_gil;
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   const torch::Tensor h = at::layer_norm(x, {C}, norm_w, norm_b, eps);
   std::vector<torch::Tensor> qkv =
-      product(h, qkv_w, qkv_b, kernel).view({B, T, 3, n_heads, C / n_heads}).permute({2, 0, 3, 1, 4}).unbind(0);
+      product(h, qkv_w, qkv_b, way).view({B, T, 3, n_heads, C / n_heads}).permute({2, 0, 3, 1, 4}).unbind(0);
   if (key_store.has_value() && value_store.has_value()) {
     TORCH_CHECK(past >= 0 && past + T <= key_store->size(2) && value_store->sizes() == key_store->sizes(),
                 "block_attention_input: no room in the cache's storage");
@@ -372,27 +378,28 @@ std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const t
 }
 
 // The attention of the queries over all keys and values so far (`decode_attention`), out_proj and the shortcut;
-// norm2, the feed-forward network and its shortcut. `kernels`: the ways of out_proj, fc1, fc2.
+// norm2, the feed-forward network and its shortcut. `ways`: those of out_proj, fc1, fc2.
 torch::Tensor block_output(const torch::Tensor& x, const torch::Tensor& query, const torch::Tensor& key,
                            const torch::Tensor& value, const c10::optional<torch::Tensor>& mask, double scaling,
                            const torch::Tensor& out_w, const c10::optional<torch::Tensor>& out_b,
                            const torch::Tensor& norm_w, const torch::Tensor& norm_b, double eps,
                            const torch::Tensor& fc1_w, const c10::optional<torch::Tensor>& fc1_b,
                            const torch::Tensor& fc2_w, const c10::optional<torch::Tensor>& fc2_b,
-                           const std::vector<bool>& kernels) {
+                           const std::vector<std::string>& ways) {
   pybind11::gil_scoped_release no_gil;
-  TORCH_CHECK(kernels.size() == 3, "block_output: one way for each of out_proj, fc1 and fc2");
+  TORCH_CHECK(ways.size() == 3, "block_output: one way for each of out_proj, fc1 and fc2");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   const torch::Tensor heads = decode_attention(query, key, value, mask, scaling).transpose(1, 2).reshape({B, T, C});
-  const torch::Tensor h = x + product(heads, out_w, out_b, kernels[0]);
+  const torch::Tensor h = x + product(heads, out_w, out_b, ways[0]);
   const torch::Tensor normed = at::layer_norm(h, {C}, norm_w, norm_b, eps);
-  return h + product(at::gelu(product(normed, fc1_w, fc1_b, kernels[1]), "tanh"), fc2_w, fc2_b, kernels[2]);
+  return h + product(at::gelu(product(normed, fc1_w, fc1_b, ways[1]), "tanh"), fc2_w, fc2_b, ways[2]);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_linear", &decode_linear);
+  m.def("decode_linear", &decode_linear, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("non_temporal") = false);
   m.def("block_attention_input", &block_attention_input);
   m.def("block_output", &block_output);
   m.def("decode_attention", [](torch::Tensor query, torch::Tensor key, torch::Tensor value,
@@ -420,9 +427,9 @@ def _machine() -> str:
 
 def build_decode_kernels(extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     """The kernels compiled for this machine, or loaded from an earlier build of the same source for the same
-    machine: a module of `decode_linear(x, weight, bias)`, `decode_attention(query, key, value, mask, scaling)`,
-    `block_attention_input(...)` and `block_output(...)`; raises where they cannot be built. `extra_cflags` go to
-    the compiler after `-march=native`."""
+    machine: a module of `decode_linear(x, weight, bias, non_temporal=False)`, `decode_attention(query, key, value,
+    mask, scaling)`, `block_attention_input(...)` and `block_output(...)`; raises where they cannot be built.
+    `extra_cflags` go to the compiler after `-march=native`."""
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(f"{SOURCE}{_machine()}{extra_cflags}".encode()).hexdigest()[:16]
@@ -454,6 +461,7 @@ def decode_kernels() -> ModuleType | None:
 
 
 def decode_kernel() -> Callable | None:
-    """The matrix-vector kernel, `decode_linear(x, weight, bias)` (F.linear's arguments and result), or None."""
+    """The matrix-vector kernel, `decode_linear(x, weight, bias, non_temporal=False)` (F.linear's arguments and
+    result; the weights prefetched non-temporally or into all cache levels), or None."""
     kernels = decode_kernels()
     return kernels.decode_linear if kernels is not None else None
