@@ -48,7 +48,8 @@ class DecodeLinear(nn.Linear):
       use, which reads the weights at about the speed of the memory (float32 and bfloat16 weights);
     - `"kernel-nt"`: the same with the weights prefetched non-temporally, which leaves the caches to the rest of a
       decode step where the CPU allows it (a whole step 1-7% faster on an AMD EPYC, the products alone as fast),
-      and halves the products' speed where it does not (an Intel Xeon). Taken unless `"kernel"` is 10% faster.
+      and halves the products' speed where it does not (an Intel Xeon). Taken unless `"kernel"` is 25% faster:
+      timing one product cannot see the rest of the step, and small products' timings differ by 10% by chance.
 
     Which wins depends on the CPU, its BLAS and the shape, so it is measured: the first product of each shape times
     the ways, and the process keeps the fastest (as cuDNN's benchmark mode does) in `DecodeLinear.fastest_way`.
@@ -118,7 +119,7 @@ class DecodeLinear(nn.Linear):
 
     def _measure(self, flat: torch.Tensor, threads: int) -> str:
         """The way that runs this product fastest here (`measure_fastest`, `"linear"` unless another is 10% faster,
-        `"kernel-nt"` unless `"kernel"` is). Decoding reads each weight from memory, not from a cache (a step reads
+        `"kernel-nt"` unless `"kernel"` is 25% faster). Decoding reads each weight from memory, not from a cache (a step reads
         more weights than any cache holds), so a read of twice the last-level cache evicts the weight before each
         timing. Some milliseconds, once per shape and process."""
         ways = self._ways(flat, threads)
@@ -136,8 +137,9 @@ def measure_fastest(
     prefer: dict[str, str] | None = None,
 ) -> str:
     """The name of the way that ran fastest here, `default` unless another was at least 10% faster, and each way
-    that `prefer` maps to another taken over that one unless that one is 10% faster. One untimed call of each first
-    (first use: allocations, lazy set-up), then the best of `runs` timings each, taken in turn."""
+    that `prefer` maps to another taken over that one unless that one is 25% faster (for a gain the timing cannot
+    see). One untimed call of each first (first use: allocations, lazy set-up), then the best of `runs` timings
+    each, taken in turn."""
     for way in ways.values():
         way()
     best = dict.fromkeys(ways, float("inf"))
@@ -148,7 +150,7 @@ def measure_fastest(
             way()
             best[name] = min(best[name], time.perf_counter() - start)
     for preferred, other in (prefer or {}).items():
-        if preferred in best and other in best and best[other] >= 0.9 * best[preferred]:
+        if preferred in best and other in best and best[other] >= 0.75 * best[preferred]:
             del best[other]
     fastest = min(best, key=best.get)
     return fastest if best[fastest] < 0.9 * best[default] else default

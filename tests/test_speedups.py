@@ -268,7 +268,7 @@ def test_decode_linear_takes_the_way_measured_fastest_once_per_shape(two_threads
 @pytest.mark.parametrize("slower", [None, "kernel-nt", "kernel"])
 def test_decode_linear_prefers_the_non_temporal_kernel_unless_the_other_is_faster(two_threads, slower):
     """Non-temporal prefetches leave the caches to the rest of a decode step, which the timing of one product does
-    not see: "kernel-nt" is taken where it is as fast, "kernel" only where 10% faster."""
+    not see: "kernel-nt" is taken where it is as fast, "kernel" only where 25% faster."""
     layer = DecodeLinear(256, 5000)
     real_ways = layer._ways
 
