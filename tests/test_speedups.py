@@ -186,7 +186,7 @@ def test_decode_kernel_gives_the_linear_result(kernel, two_threads, out_features
         torch.testing.assert_close(kernel(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias),
                                    atol=1e-4, rtol=1e-4)
         # the non-temporal prefetch changes where the weights are cached, not the sums
-        assert torch.equal(kernel(x, layer.weight, layer.bias, True), kernel(x, layer.weight, layer.bias))
+        assert torch.equal(kernel(x, layer.weight, layer.bias, non_temporal=True), kernel(x, layer.weight, layer.bias))
 
 
 @pytest.mark.slow
@@ -203,6 +203,15 @@ def test_decode_kernel_refuses_what_it_cannot_compute(kernel):
     ]:
         with pytest.raises(RuntimeError, match=message):
             kernel(x, w, b)
+
+
+@pytest.mark.slow
+def test_fused_step_functions_refuse_a_way_they_do_not_know(kernels):
+    x, norm, qkv = torch.randn(1, 1, 32), torch.ones(32), torch.randn(96, 32)
+    with pytest.raises(RuntimeError, match="no product way bogus"):
+        kernels.block_attention_input(x, norm, norm, 1e-5, qkv, None, 4, "bogus", None, None, 0)
+    with pytest.raises(TypeError):  # the ways are names now, no longer "kernel or not"
+        kernels.block_attention_input(x, norm, norm, 1e-5, qkv, None, 4, True, None, None, 0)
 
 
 def cpu_flags() -> set[str]:
@@ -272,15 +281,34 @@ def test_decode_linear_prefers_the_non_temporal_kernel_unless_the_other_is_faste
     layer = DecodeLinear(256, 5000)
     real_ways = layer._ways
 
-    def ways(flat, threads):  # linear and split slowed, and one kernel way where asked
-        slowed_names = {"linear", "split", slower}
-        return {name: slowed(way) if name in slowed_names else way for name, way in real_ways(flat, threads).items()}
+    def ways(flat, threads):  # both kernels slowed alike (their own speeds tie), linear and split and one more
+        delays = {"linear": 0.06, "split": 0.06, "kernel": 0.02, "kernel-nt": 0.02} | ({slower: 0.04} if slower else {})
+        return {name: slowed(way, delays[name]) for name, way in real_ways(flat, threads).items()}
 
     with torch.no_grad(), mock.patch.object(speedups_scratchgpt, "decode_kernel", return_value=stand_in_kernel()):
         with mock.patch.object(layer, "_ways", side_effect=ways):
             layer(torch.randn(1, 256))
     expected = "kernel" if slower == "kernel-nt" else "kernel-nt"
     assert DecodeLinear.fastest_way[(1, 5000, 256, torch.float32, 2)] == expected
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    (dict(linear=1.0, kernel=0.5, nt=0.6), "nt"),  # the preferred one, within 25% of the fastest
+    (dict(linear=1.0, kernel=0.4, nt=0.6), "kernel"),  # the fastest, 33% faster than the preferred one
+    (dict(linear=1.0, kernel=0.8, nt=0.95), "kernel"),  # the preferred one is not 10% faster than the default
+    (dict(linear=1.0, kernel=0.97, nt=0.93), "linear"),  # neither is 10% faster than the default
+    (dict(linear=1.0, kernel=0.7, nt=0.5), "nt"),
+])
+def test_measure_fastest_takes_the_default_and_the_preferred_way_unless_another_is_faster(seconds, expected):
+    clock = mock.Mock(now=0.0)
+    clock.perf_counter = lambda: clock.now
+
+    def costing(cost):  # a way that takes `cost` seconds on the clock
+        return lambda: setattr(clock, "now", clock.now + cost)
+
+    ways = {name: costing(cost) for name, cost in seconds.items()}
+    with mock.patch.object(speedups_scratchgpt, "time", clock):
+        assert speedups_scratchgpt.measure_fastest(ways, default="linear", prefer={"nt": "kernel"}) == expected
 
 
 def test_decode_linear_measures_nothing_outside_decoding(two_threads):
@@ -613,9 +641,13 @@ def test_fused_decode_block_gives_the_logits_of_the_blocks_forward(kernels, two_
     model = make_lm(emb_dim=512, n_heads=8, n_layers=2, vocab_size=2048).to(dtype)
     model.set_attn_implementation(implementation)
     products = [m for m in model.modules() if isinstance(m, DecodeLinear)]
-    mixed = ("kernel-nt", "kernel", "linear") * len(products)  # qkv, out_proj, fc1, fc2, ...: each way in turn
-    DecodeLinear.fastest_way = {(2, m.out_features, m.in_features, dtype, 2): mixed[i] if way == "mixed" else way
-                                for i, m in enumerate(products)}
+    # mixed, by shape: qkv and fc2 non-temporal, fc1 (and the head, of its shape) the other kernel, out_proj linear
+    # (512 x 512 is below DecodeLinear's size)
+    mixed = {(1536, 512): "kernel-nt", (2048, 512): "kernel", (512, 2048): "kernel-nt", (512, 512): "linear"}
+    DecodeLinear.fastest_way = {
+        (2, m.out_features, m.in_features, dtype, 2): mixed[m.out_features, m.in_features] if way == "mixed" else way
+        for m in products
+    }
     ids, tokens = torch.randint(0, 2048, (2, 6)), torch.randint(0, 2048, (2, 4))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[0, :2] = 0
@@ -629,18 +661,25 @@ def test_fused_decode_block_gives_the_logits_of_the_blocks_forward(kernels, two_
             taken.append(out is not None)
             return out
 
-        with torch.no_grad(), mock.patch.object(modeling_scratchgpt, "fused_decode_block", step):
+        with torch.no_grad(), mock.patch.object(modeling_scratchgpt, "fused_decode_block", step), \
+                mock.patch.object(kernels, "block_attention_input", wraps=kernels.block_attention_input) as inputs, \
+                mock.patch.object(kernels, "block_output", wraps=kernels.block_output) as outputs:
             cache = KVCache()
             model(ids, attention_mask=mask, cache=cache)
             logits = []
             for step_mask, token in zip((mask.new_ones(2, n) for n in range(1, 5)), tokens.T):
                 out = model(token[:, None], attention_mask=torch.cat([mask, step_mask], 1), cache=cache)
                 logits.append(out.logits.float())
-        return torch.cat(logits, 1), taken
+        # the ways C++ was given: qkv's (the eighth argument, after the heads), and out_proj's, fc1's and fc2's (last)
+        calls = zip(inputs.call_args_list, outputs.call_args_list)
+        ways = {(first.args[7], *second.args[-1]) for first, second in calls}
+        return torch.cat(logits, 1), taken, ways
 
-    ours, taken = decode(fused=True)
-    theirs, _ = decode(fused=False)
+    ours, taken, ways = decode(fused=True)
+    theirs, _, _ = decode(fused=False)
     assert taken == [False] * 2 + [True] * 8  # the prefill's two blocks, then every block of every step fused
+    expected = ("kernel-nt", "linear", "kernel", "kernel-nt") if way == "mixed" else (way, "linear", way, way)
+    assert ways == {expected}
     scale = theirs.abs().max()
     tolerance = 1e-5 if dtype == torch.float32 else 0.02
     assert (ours - theirs).abs().max() <= tolerance * scale
