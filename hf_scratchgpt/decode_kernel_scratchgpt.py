@@ -61,12 +61,19 @@ namespace {
 typedef float f16v __attribute__((vector_size(64), aligned(4), may_alias));
 typedef uint32_t u16v __attribute__((vector_size(64), aligned(2), may_alias));
 
-inline float hsum(f16v v) {  // a tree of adds (8, 4, 2, 1 at a time), not 15 in a row
-  float lanes[16];
-  std::memcpy(lanes, &v, sizeof lanes);
-  for (int width = 8; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  return lanes[0];
+typedef float f8v __attribute__((vector_size(32)));
+typedef float f4v __attribute__((vector_size(16)));
+
+inline float hsum(f16v v) {  // halves added in registers: 16 lanes, 8, 4, then 4 scalars
+  f8v low, high;
+  std::memcpy(&low, &v, sizeof low);
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+  const f8v eight = low + high;
+  f4v a, b;
+  std::memcpy(&a, &eight, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&eight) + sizeof a, sizeof b);
+  const f4v four = a + b;
+  return (four[0] + four[2]) + (four[1] + four[3]);
 }
 
 // c10's own conversions: a bfloat16 is a float32's top 16 bits; back, rounded to nearest even, NaN kept.
@@ -234,28 +241,130 @@ torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional
   return kernel_linear(x, weight, bias, non_temporal);
 }
 
-// --- A decode step's attention --------------------------------------------------------------------------------
-// One query per sequence and head against all its keys and values so far: softmax(q . k * scaling + mask) . v,
-// in float32 sums, each (sequence, head) on one thread. ATen's SDPA took 40-50 us a layer for this at 100 keys of
-// GPT-2 small inside a decode step (the keys and values no longer in the caches after the products), this 15-30.
+// --- A decode step's small operators, 16 values at a time --------------------------------------------------------
+// A decode step's attention, norms, activation and shortcuts are vectors of a few thousand values: called as ATen
+// operators (dispatch, allocation, a parallel region each), GPT-2 small's took 40-60 us a block, 0.5-0.7 ms of a
+// 9 ms step on an AMD EPYC. Written out here they take a few.
+
+typedef uint16_t h16v __attribute__((vector_size(32), aligned(2), may_alias));
+typedef int32_t i16v __attribute__((vector_size(64)));
 
 inline f16v load16(const float* p) { return *reinterpret_cast<const f16v*>(p); }
 inline f16v load16(const at::BFloat16* p) {  // 16 bfloat16s, each widened to the float32 whose top half it is
-  typedef uint16_t h16v __attribute__((vector_size(32), aligned(2), may_alias));
   return (f16v)(__builtin_convertvector(*reinterpret_cast<const h16v*>(p), u16v) << 16);
+}
+inline void store16(float* p, f16v v) { *reinterpret_cast<f16v*>(p) = v; }
+inline void store16(at::BFloat16* p, f16v v) {  // rounded to nearest even, as c10's conversion; NaN stays NaN
+  const u16v bits = (u16v)v;
+  const u16v rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const u16v nan = (u16v)(v != v);  // all ones where NaN
+  *reinterpret_cast<h16v*>(p) = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), h16v);
 }
 inline float load1(const float* p) { return *p; }
 inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(at::BFloat16* p, float v) { *p = static_cast<at::BFloat16>(v); }
+
+inline f16v splat(float v) { return f16v{} + v; }
+
+// e^x for 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p Cephes' polynomial for expf (within 2 ulp);
+// 0 below -87.3, where float32 runs out of normal numbers (and for -inf, a masked score).
+inline f16v exp16(f16v x) {
+  const i16v keep = x >= -87.3f;
+  x = x < -87.3f ? splat(-87.3f) : x;
+  x = x > 88.3f ? splat(88.3f) : x;
+  const f16v t = x * 1.44269504088896341f + 0.5f;
+  i16v n = __builtin_convertvector(t, i16v);  // toward zero; floor below:
+  n += (i16v)(__builtin_convertvector(n, f16v) > t);
+  const f16v fn = __builtin_convertvector(n, f16v);
+  const f16v r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  f16v p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const f16v y = (p * r * r + r + 1.f) * (f16v)((n + 127) << 23);
+  return (f16v)((i16v)y & keep);
+}
+
+// Layer normalisation of `rows` rows of C values, as ATen's (biased variance, float32 sums).
+template <typename T>
+void layer_norm_rows(const T* x, const T* w, const T* b, T* y, int64_t rows, int64_t C, float eps) {
+  const int64_t whole = C - C % 16;
+  for (int64_t r = 0; r < rows; ++r, x += C, y += C) {
+    f16v vsum = {};
+    for (int64_t i = 0; i < whole; i += 16) vsum += load16(x + i);
+    float sum = hsum(vsum);
+    for (int64_t i = whole; i < C; ++i) sum += load1(x + i);
+    const float mean = sum / C;
+    f16v vsq = {};
+    for (int64_t i = 0; i < whole; i += 16) {
+      const f16v d = load16(x + i) - mean;
+      vsq += d * d;
+    }
+    float sq = hsum(vsq);
+    for (int64_t i = whole; i < C; ++i) sq += (load1(x + i) - mean) * (load1(x + i) - mean);
+    const float rstd = 1.f / std::sqrt(sq / C + eps);
+    for (int64_t i = 0; i < whole; i += 16)
+      store16(y + i, (load16(x + i) - mean) * rstd * load16(w + i) + load16(b + i));
+    for (int64_t i = whole; i < C; ++i) store1(y + i, (load1(x + i) - mean) * rstd * load1(w + i) + load1(b + i));
+  }
+}
+
+// GELU's tanh approximation (chapter 4.3), in place: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), with
+// tanh(u) = 1 - 2 / (e^2u + 1).
+template <typename T>
+void gelu_tanh(T* x, int64_t n) {
+  constexpr float kAlpha = 0.7978845608028654f, kBeta = 0.044715f;
+  const int64_t whole = n - n % 16;
+  for (int64_t i = 0; i < whole; i += 16) {
+    const f16v v = load16(x + i);
+    const f16v tanh = 1.f - 2.f / (exp16(2.f * kAlpha * (v + kBeta * v * v * v)) + 1.f);
+    store16(x + i, 0.5f * v * (1.f + tanh));
+  }
+  for (int64_t i = whole; i < n; ++i) {
+    const float v = load1(x + i);
+    store1(x + i, 0.5f * v * (1.f + std::tanh(kAlpha * (v + kBeta * v * v * v))));
+  }
+}
+
+// y = x + y: a shortcut added to what it skipped.
+template <typename T>
+void add_into(T* y, const T* x, int64_t n) {
+  const int64_t whole = n - n % 16;
+  for (int64_t i = 0; i < whole; i += 16) store16(y + i, load16(x + i) + load16(y + i));
+  for (int64_t i = whole; i < n; ++i) store1(y + i, load1(x + i) + load1(y + i));
+}
+
+// fn(T{}) for the tensor's dtype: float32 or bfloat16.
+template <typename Fn>
+void with_dtype(const torch::Tensor& t, Fn fn) {
+  if (t.scalar_type() == at::kFloat) fn(float{});
+  else fn(at::BFloat16{});
+}
+
+// --- A decode step's attention --------------------------------------------------------------------------------
+// One query per sequence and head against all its keys and values so far: softmax(q . k * scaling + mask) . v,
+// in float32 sums, each (sequence, head) on one thread. ATen's SDPA took 40-50 us a layer for this at 100 keys of
+// GPT-2 small inside a decode step (the keys and values no longer in the caches after the products); this kernel
+// took 15 us with them in the caches and 31 without while it summed and exponentiated one score at a time, 5 and 13
+// with the exponentials 16 at a time and the values' sums in registers (AMD EPYC, 2 threads).
 
 // One (sequence, head): q (hs) in float32; keys and values `stride` elements apart; `mask` as float32 (added)
-// or bool (true: attend), `mask_stride` apart, or null; `scores` room for Tk floats, `acc` for hs.
+// or bool (true: attend), `mask_stride` apart, or null; `scores` room for Tk floats.
 template <typename T, typename M>
 void attend(const float* q, const T* k, const T* v, int64_t stride, int64_t Tk, int64_t hs, const M* mask,
-            int64_t mask_stride, float scaling, float* scores, float* acc, T* out) {
+            int64_t mask_stride, float scaling, float* scores, T* out) {
   const int64_t whole = hs - hs % 16;
   float top = -std::numeric_limits<float>::infinity();
+  const int64_t row_lines = (hs * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   for (int64_t t = 0; t < Tk; ++t) {
     const T* kr = k + t * stride;
+    for (int64_t line = 0; line < row_lines; ++line) {  // the key 8 ahead and this value: memory reads in flight
+      __builtin_prefetch(reinterpret_cast<const char*>(kr + 8 * stride) + 64 * line);
+      __builtin_prefetch(reinterpret_cast<const char*>(v + t * stride) + 64 * line);
+    }
     f16v sum = {};
     for (int64_t i = 0; i < whole; i += 16) sum += load16(q + i) * load16(kr + i);
     float s = hsum(sum);
@@ -267,22 +376,51 @@ void attend(const float* q, const T* k, const T* v, int64_t stride, int64_t Tk, 
       if (mask) s += mask[t * mask_stride];
     }
     scores[t] = s;
-    if (s > top || std::isnan(s)) top = s;  // a NaN score makes a NaN output, as in ATen's kernels
+    if (s > top || std::isnan(s)) top = s;
   }
-  std::fill(acc, acc + hs, 0.f);
-  if (top == -std::numeric_limits<float>::infinity()) {  // every key masked: zeros, as ATen's SDPA gives on the CPU
-    for (int64_t i = 0; i < hs; ++i) out[i] = static_cast<T>(0.f);
+  if (std::isnan(top) || top == -std::numeric_limits<float>::infinity()) {
+    // a NaN score makes a NaN output, as in ATen's kernels; every key masked, zeros, as ATen's SDPA gives on the CPU
+    const float fill = std::isnan(top) ? top : 0.f;
+    for (int64_t i = 0; i < hs; ++i) store1(out + i, fill);
     return;
   }
-  float total = 0.f;
-  for (int64_t t = 0; t < Tk; ++t) {
-    const float p = std::exp(scores[t] - top);
-    total += p;
-    const T* vr = v + t * stride;
-    for (int64_t i = 0; i < whole; i += 16) *reinterpret_cast<f16v*>(acc + i) += p * load16(vr + i);
-    for (int64_t i = whole; i < hs; ++i) acc[i] += p * load1(vr + i);
+  const int64_t keys16 = Tk - Tk % 16;
+  f16v totals = {};
+  for (int64_t t = 0; t < keys16; t += 16) {
+    const f16v p = exp16(load16(scores + t) - top);
+    store16(scores + t, p);
+    totals += p;
   }
-  for (int64_t i = 0; i < hs; ++i) out[i] = static_cast<T>(acc[i] / total);
+  float total = hsum(totals);
+  for (int64_t t = keys16; t < Tk; ++t) total += scores[t] = std::exp(scores[t] - top);
+  const float inverse = 1.f / total;
+  // the values' weighted sums, 64 columns at a time in four registers, then 16, then one
+  int64_t i = 0;
+  for (; i + 64 <= whole; i += 64) {
+    f16v a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t t = 0; t < Tk; ++t) {
+      const T* vr = v + t * stride + i;
+      const float p = scores[t];
+      a0 += p * load16(vr);
+      a1 += p * load16(vr + 16);
+      a2 += p * load16(vr + 32);
+      a3 += p * load16(vr + 48);
+    }
+    store16(out + i, a0 * inverse);
+    store16(out + i + 16, a1 * inverse);
+    store16(out + i + 32, a2 * inverse);
+    store16(out + i + 48, a3 * inverse);
+  }
+  for (; i < whole; i += 16) {
+    f16v a = {};
+    for (int64_t t = 0; t < Tk; ++t) a += scores[t] * load16(v + t * stride + i);
+    store16(out + i, a * inverse);
+  }
+  for (; i < hs; ++i) {
+    float a = 0.f;
+    for (int64_t t = 0; t < Tk; ++t) a += scores[t] * load1(v + t * stride + i);
+    store1(out + i, a * inverse);
+  }
 }
 
 template <typename T, typename M>
@@ -295,14 +433,14 @@ void attend_all(const torch::Tensor& query, const torch::Tensor& key, const torc
   const M* m = mask.defined() ? mask.data_ptr<M>() : nullptr;
   T* o = out.data_ptr<T>();
   at::parallel_for(0, B * heads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> buffer(2 * hs + Tk);  // q in float32, the sums of the values, the scores
+    std::vector<float> buffer(hs + Tk);  // q in float32, the scores
     for (int64_t bh = first; bh < last; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       for (int64_t i = 0; i < hs; ++i) buffer[i] = load1(q + bh * hs + i);
       const M* mask_row = m ? m + b * mask.stride(0) + h * mask.stride(1) : nullptr;
       attend<T, M>(buffer.data(), k + b * key.stride(0) + h * key.stride(1),
                    v + b * value.stride(0) + h * value.stride(1), key.stride(2), Tk, hs, mask_row,
-                   m ? mask.stride(3) : 0, scaling, buffer.data() + 2 * hs, buffer.data() + hs, o + bh * hs);
+                   m ? mask.stride(3) : 0, scaling, buffer.data() + hs, o + bh * hs);
     }
   });
 }
@@ -352,6 +490,21 @@ torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, const c10:
   return way == "linear" ? at::linear(x, w, b) : kernel_linear(x, w, b, way == "kernel-nt");
 }
 
+// LayerNorm of x (..., C), contiguous: `layer_norm_rows`, or ATen's where the norm's weights are of another dtype.
+torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b, double eps) {
+  const int64_t C = x.size(-1);
+  if (w.scalar_type() != x.scalar_type() || b.scalar_type() != x.scalar_type() || !w.is_contiguous() ||
+      !b.is_contiguous() || w.numel() != C || b.numel() != C)
+    return at::layer_norm(x, {C}, w, b, eps);
+  torch::Tensor y = torch::empty_like(x);
+  with_dtype(x, [&](auto tag) {
+    using Scalar = decltype(tag);
+    layer_norm_rows<Scalar>(x.data_ptr<Scalar>(), w.data_ptr<Scalar>(), b.data_ptr<Scalar>(), y.data_ptr<Scalar>(),
+                            x.numel() / C, C, eps);
+  });
+  return y;
+}
+
 // norm1, then the fused query/key/value product, split into heads: x (B, T, C) -> query, key, value (B, nh, T, hs).
 // Given a cache layer's storage (B, nh, capacity, hs) and the number of places filled, the keys and values are
 // written after those, and the key and value returned are all of them so far (views of the storage).
@@ -362,19 +515,32 @@ std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const t
                                                  const c10::optional<torch::Tensor>& key_store,
                                                  const c10::optional<torch::Tensor>& value_store, int64_t past) {
   pybind11::gil_scoped_release no_gil;
-  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
-  const torch::Tensor h = at::layer_norm(x, {C}, norm_w, norm_b, eps);
-  std::vector<torch::Tensor> qkv =
-      product(h, qkv_w, qkv_b, way).view({B, T, 3, n_heads, C / n_heads}).permute({2, 0, 3, 1, 4}).unbind(0);
-  if (key_store.has_value() && value_store.has_value()) {
-    TORCH_CHECK(past >= 0 && past + T <= key_store->size(2) && value_store->sizes() == key_store->sizes(),
-                "block_attention_input: no room in the cache's storage");
-    key_store->narrow(2, past, T).copy_(qkv[1]);
-    value_store->narrow(2, past, T).copy_(qkv[2]);
-    qkv[1] = key_store->narrow(2, 0, past + T);
-    qkv[2] = value_store->narrow(2, 0, past + T);
-  }
-  return qkv;
+  TORCH_CHECK(x.dim() == 3 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "block_attention_input: x (B, T, C) in float32 or bfloat16");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), hs = C / n_heads;
+  const torch::Tensor qkv = product(layer_norm(x.contiguous(), norm_w, norm_b, eps), qkv_w, qkv_b, way).contiguous();
+  const int64_t offset = qkv.storage_offset();
+  auto heads = [&](int64_t part) {  // (B, nh, T, hs) of qkv's (B, T, 3, nh, hs)
+    return qkv.as_strided({B, n_heads, T, hs}, {T * 3 * C, hs, 3 * C, 1}, offset + part * C);
+  };
+  if (!key_store.has_value() || !value_store.has_value()) return {heads(0), heads(1), heads(2)};
+  TORCH_CHECK(past >= 0 && key_store->dim() == 4 && past + T <= key_store->size(2) &&
+                  value_store->sizes() == key_store->sizes(),
+              "block_attention_input: no room in the cache's storage");
+  TORCH_CHECK(key_store->size(0) == B && key_store->size(1) == n_heads && key_store->size(3) == hs &&
+                  key_store->scalar_type() == x.scalar_type() && value_store->scalar_type() == x.scalar_type() &&
+                  key_store->is_contiguous() && value_store->is_contiguous(),
+              "block_attention_input: the cache's storage is not (B, nh, capacity, hs), contiguous, of x's dtype");
+  const int64_t capacity = key_store->size(2), row_bytes = hs * x.element_size();
+  char* stores[2] = {static_cast<char*>(key_store->data_ptr()), static_cast<char*>(value_store->data_ptr())};
+  const char* source = static_cast<const char*>(qkv.data_ptr());
+  for (int64_t part = 0; part < 2; ++part)  // each head's new keys (values) after its `past` ones
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < n_heads; ++h)
+        for (int64_t t = 0; t < T; ++t)
+          std::memcpy(stores[part] + ((b * n_heads + h) * capacity + past + t) * row_bytes,
+                      source + (((b * T + t) * 3 + part + 1) * C + h * hs) * x.element_size(), row_bytes);
+  return {heads(0), key_store->narrow(2, 0, past + T), value_store->narrow(2, 0, past + T)};
 }
 
 // The attention of the queries over all keys and values so far (`decode_attention`), out_proj and the shortcut;
@@ -388,11 +554,24 @@ torch::Tensor block_output(const torch::Tensor& x, const torch::Tensor& query, c
                            const std::vector<std::string>& ways) {
   pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(ways.size() == 3, "block_output: one way for each of out_proj, fc1 and fc2");
+  TORCH_CHECK(x.dim() == 3 && query.scalar_type() == x.scalar_type(), "block_output: x (B, T, C), query of its dtype");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const torch::Tensor shortcut = x.contiguous();
   const torch::Tensor heads = decode_attention(query, key, value, mask, scaling).transpose(1, 2).reshape({B, T, C});
-  const torch::Tensor h = x + product(heads, out_w, out_b, ways[0]);
-  const torch::Tensor normed = at::layer_norm(h, {C}, norm_w, norm_b, eps);
-  return h + product(at::gelu(product(normed, fc1_w, fc1_b, ways[1]), "tanh"), fc2_w, fc2_b, ways[2]);
+  // each product's result is a new tensor: the shortcuts and the activation are written into it
+  const torch::Tensor h = product(heads, out_w, out_b, ways[0]).contiguous();
+  TORCH_CHECK(h.sizes() == shortcut.sizes(), "block_output: out_proj does not keep the width");
+  torch::Tensor y;
+  with_dtype(x, [&](auto tag) {
+    using Scalar = decltype(tag);
+    add_into<Scalar>(h.data_ptr<Scalar>(), shortcut.data_ptr<Scalar>(), h.numel());
+    const torch::Tensor f = product(layer_norm(h, norm_w, norm_b, eps), fc1_w, fc1_b, ways[1]).contiguous();
+    gelu_tanh<Scalar>(f.data_ptr<Scalar>(), f.numel());
+    y = product(f, fc2_w, fc2_b, ways[2]).contiguous();
+    TORCH_CHECK(y.sizes() == h.sizes(), "block_output: the feed-forward network does not keep the width");
+    add_into<Scalar>(y.data_ptr<Scalar>(), h.data_ptr<Scalar>(), y.numel());
+  });
+  return y;
 }
 
 }  // namespace
@@ -406,6 +585,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                c10::optional<torch::Tensor> mask, double scaling) {
     pybind11::gil_scoped_release no_gil;
     return decode_attention(query, key, value, mask, scaling);
+  });
+  // the step's own LayerNorm and GELU, as the functions of torch they replace (for tests)
+  m.def("layer_norm", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b, double eps) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "layer_norm: float32 or bfloat16");
+    return layer_norm(x.contiguous(), w, b, eps);
+  });
+  m.def("gelu_tanh", [](const torch::Tensor& x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "gelu_tanh: float32 or bfloat16");
+    torch::Tensor y = x.contiguous().clone();
+    with_dtype(y, [&](auto tag) { gelu_tanh(y.data_ptr<decltype(tag)>(), y.numel()); });
+    return y;
   });
 }
 """
@@ -428,7 +618,8 @@ def _machine() -> str:
 def build_decode_kernels(extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     """The kernels compiled for this machine, or loaded from an earlier build of the same source for the same
     machine: a module of `decode_linear(x, weight, bias, non_temporal=False)`, `decode_attention(query, key, value,
-    mask, scaling)`, `block_attention_input(...)` and `block_output(...)`; raises where they cannot be built.
+    mask, scaling)`, `block_attention_input(...)`, `block_output(...)`, and the latter's `layer_norm(x, weight, bias,
+    eps)` and `gelu_tanh(x)`; raises where they cannot be built.
     `extra_cflags` go to the compiler after `-march=native`."""
     from torch.utils import cpp_extension
 

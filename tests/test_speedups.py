@@ -781,3 +781,79 @@ def test_generate_decodes_fused_also_after_a_call_capturing_outputs(kernels):
         model.generate(ids, max_new_tokens=4, do_sample=False)
     layers = model.config.n_layers
     assert taken == [False] * layers + [True] * 3 * layers  # the prefill, then 3 decode steps
+
+
+# --- the fused step's own operators --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_steps_gelu_and_layer_norm_are_torchs(kernels, dtype):
+    """GELU (tanh) and LayerNorm as the fused step computes them, 16 values at a time and the rest one by one (53 =
+    3 x 16 + 5), over the range of activations: from -60 (GELU's exponential underflows) to 60 (it would overflow),
+    and rows of 53 with large means."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.linspace(-60, 60, 3 * 53), torch.randn(3 * 53) * 3]).view(6, 53).to(dtype)
+    expected = F.gelu(x.double(), approximate="tanh")
+    tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert kernels.gelu_tanh(x).dtype == dtype
+    torch.testing.assert_close(kernels.gelu_tanh(x).double(), expected, **tolerance)
+    nan = kernels.gelu_tanh(torch.tensor([float("nan")] * 17, dtype=dtype))
+    assert nan.isnan().all()  # NaN stays NaN, in the vector and in the tail
+
+    rows = (x + torch.arange(6).view(6, 1).to(dtype) * 100).view(2, 3, 53)  # (B, T, C), means up to 500
+    weight, bias = torch.randn(53, dtype=dtype), torch.randn(53, dtype=dtype)
+    exact = F.layer_norm(rows.double(), (53,), weight.double(), bias.double(), 1e-5)
+    ours, torchs = kernels.layer_norm(rows, weight, bias, 1e-5), F.layer_norm(rows, (53,), weight, bias, 1e-5)
+    assert ours.dtype == dtype
+    # as close to the exact norm as torch's own (whose float32 sums lose 2e-5 here, with means up to 500)
+    assert (ours.double() - exact).abs().max() <= 1.5 * (torchs.double() - exact).abs().max() + 1e-7
+    if dtype == torch.bfloat16:  # a norm whose weights are float32 (a bfloat16 x): ATen's
+        mixed = kernels.layer_norm(rows, weight.float(), bias.float(), 1e-5)
+        assert torch.equal(mixed, F.layer_norm(rows, (53,), weight.float(), bias.float(), 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_with_sharp_scores(kernels, dtype):
+    """Scores from -1,000 to 1,000 (the exponentials of most keys underflow to 0) and 40 keys (2 x 16 + 8): the
+    weights still sum to one."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    query, key, value = (t.to(dtype) for t in (query * 30, key, value))
+    out = kernels.decode_attention(query, key, value, None, 1.0)
+    exact = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), scale=1.0)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), exact, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_block_at_a_width_not_of_16(kernels, dtype):
+    """Width 40 in 2 heads of 20 (each operator's 16 values at a time and its tail), 2 sequences, a cache with room
+    (the step's keys and values written into its storage from C++): the block's output and the cache's keys and
+    values are those of the block's own forward."""
+    torch.manual_seed(0)
+    model = make_lm(emb_dim=40, n_heads=2).to(dtype)
+    block = model.model.trf_blocks[0]
+    keys, values = (torch.randn(2, 2, 5, 20, dtype=dtype) for _ in range(2))
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[0, ..., :2] = False
+    x = torch.randn(2, 1, 40, dtype=dtype)
+
+    def cache():  # 4 positions, then a fifth: the storage has grown to 10 places
+        filled = KVCache()
+        filled.update(keys[:, :, :4].clone(), values[:, :, :4].clone(), 0)
+        filled.update(keys[:, :, 4:].clone(), values[:, :, 4:].clone(), 0)
+        return filled
+
+    fused_cache, own_cache = cache(), cache()
+    assert fused_cache.layers[0].room_for(x, 2) is not None
+    with torch.no_grad():
+        fused = speedups_scratchgpt.fused_decode_block(block, x, keep, fused_cache, {})
+        with mock.patch.object(modeling_scratchgpt, "fused_decode_block", return_value=None):
+            own = block(x, attention_mask=keep, cache=own_cache)
+    assert fused is not None and fused.dtype == dtype
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(fused, own, **tolerance)
+    for ours, theirs in ((fused_cache.layers[0].keys, own_cache.layers[0].keys),
+                         (fused_cache.layers[0].values, own_cache.layers[0].values)):
+        assert ours.shape == (2, 2, 6, 20)
+        torch.testing.assert_close(ours, theirs, **tolerance)
