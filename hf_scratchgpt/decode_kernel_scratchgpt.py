@@ -50,6 +50,10 @@ SOURCE = r"""
 #include <limits>
 #include <type_traits>
 #include <vector>
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -344,6 +348,27 @@ void with_dtype(const torch::Tensor& t, Fn fn) {
   else fn(at::BFloat16{});
 }
 
+// --- Weights on 2 MB pages -----------------------------------------------------------------------------------
+// A decode step reads every weight once, GPT-2 small's 494 MB in float32: 120,000 pages of 4 KB, far more than the
+// TLB holds, so nearly every page costs a page walk, and the CPU's prefetchers stop at each page's end. On 2 MB
+// pages (Linux's transparent huge pages, asked for with madvise) GPT-2 small's decode step took 1.11-1.17x its
+// weight-read limit against 1.21-1.29x on an AMD EPYC (Zen 5), its products and the rest of the step both faster.
+
+// A copy of `t` in memory aligned to 2 MB that Linux backs with huge pages where its settings allow
+// (/sys/kernel/mm/transparent_hugepage/enabled: always or madvise): each whole 2 MB of it on one page.
+torch::Tensor huge_page_copy(const torch::Tensor& t) {
+  TORCH_CHECK(t.is_cpu(), "huge_page_copy: a CPU tensor");
+  const torch::Tensor source = t.contiguous();
+  const size_t bytes = source.nbytes(), huge = size_t{2} << 20;
+  void* memory = nullptr;
+  TORCH_CHECK(posix_memalign(&memory, huge, std::max(bytes, size_t{1})) == 0, "huge_page_copy: out of memory");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(memory, bytes, MADV_HUGEPAGE);  // before the first touch: the copy below faults in whole huge pages
+#endif
+  std::memcpy(memory, source.data_ptr(), bytes);
+  return torch::from_blob(memory, source.sizes(), [](void* p) { std::free(p); }, source.options());
+}
+
 // --- A decode step's attention --------------------------------------------------------------------------------
 // One query per sequence and head against all its keys and values so far: softmax(q . k * scaling + mask) . v,
 // in float32 sums, each (sequence, head) on one thread. ATen's SDPA took 40-50 us a layer for this at 100 keys of
@@ -586,6 +611,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::gil_scoped_release no_gil;
     return decode_attention(query, key, value, mask, scaling);
   });
+  m.def("huge_page_copy", &huge_page_copy);
   // the step's own LayerNorm and GELU, as the functions of torch they replace (for tests)
   m.def("layer_norm", [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b, double eps) {
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "layer_norm: float32 or bfloat16");
@@ -619,7 +645,7 @@ def build_decode_kernels(extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     """The kernels compiled for this machine, or loaded from an earlier build of the same source for the same
     machine: a module of `decode_linear(x, weight, bias, non_temporal=False)`, `decode_attention(query, key, value,
     mask, scaling)`, `block_attention_input(...)`, `block_output(...)`, and the latter's `layer_norm(x, weight, bias,
-    eps)` and `gelu_tanh(x)`; raises where they cannot be built.
+    eps)` and `gelu_tanh(x)`, and `huge_page_copy(tensor)`; raises where they cannot be built.
     `extra_cflags` go to the compiler after `-march=native`."""
     from torch.utils import cpp_extension
 

@@ -55,12 +55,18 @@ class DecodeLinear(nn.Linear):
     the ways, and the process keeps the fastest (as cuDNN's benchmark mode does) in `DecodeLinear.fastest_way`.
     `F.linear` is replaced only by a way 10% faster. Training, GPUs, autocast, `torch.compile` and small matrices
     take `F.linear`.
+
+    Before its first product in decoding, the layer moves its weight onto 2 MB pages where Linux allows it
+    (`huge_pages`, `_to_huge_pages`): a decode step reads all the weights, and on 4 KB pages nearly every page of
+    them costs a page walk.
     """
 
     # (rows, out_features, in_features, dtype, threads) -> "linear", "split", "kernel" or "kernel-nt", for the process
     fastest_way: dict[tuple, str] = {}
     max_rows = 16  # more rows than this are not decoding: F.linear
     min_weights = 2**19  # 512K weights, from GPT-2 small's 768 x 768 up; fewer: F.linear
+    huge_pages = True  # False: decoding leaves the weights where they are
+    _on_huge_pages = 0  # the address of the weight's data once moved (or found not movable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # each `self.weight` is a lookup: read once (a step makes 49 calls)
@@ -74,6 +80,8 @@ class DecodeLinear(nn.Linear):
             or torch.compiler.is_compiling()
         ):
             return F.linear(x, weight, bias)
+        if self.huge_pages and weight.data_ptr() != self._on_huge_pages:
+            weight = self._to_huge_pages()
         threads = torch.get_num_threads()
         shape = (rows, self.out_features, self.in_features, weight.dtype, threads)
         way = self.fastest_way.get(shape)
@@ -93,6 +101,26 @@ class DecodeLinear(nn.Linear):
             return "linear"
         dtype = self._parameters["weight"].dtype  # not `self.weight`: a decode step asks 48 times
         return self.fastest_way.get((rows, self.out_features, self.in_features, dtype, threads))
+
+    def _to_huge_pages(self) -> torch.Tensor:
+        """The weight, moved onto 2 MB pages (Linux's transparent huge pages, `huge_page_copy` of the kernels' build)
+        where that can help: a contiguous weight of 2 MB or more with a storage of its own (not a view into another
+        tensor's), with the kernels built and huge pages on. The Parameter stays the same object (tied weights stay
+        tied, an optimizer keeps it); only its data moves, once."""
+        weight = self._parameters["weight"]
+        kernels = decode_kernels()
+        movable = (
+            kernels is not None
+            and transparent_huge_pages()
+            and weight.is_contiguous()
+            and weight.nbytes >= 2**21
+            and weight.untyped_storage().nbytes() == weight.nbytes
+        )
+        if movable:
+            with torch.no_grad(), torch.inference_mode(False):  # a plain tensor, even inside inference mode
+                weight.data = kernels.huge_page_copy(weight.data)
+        self._on_huge_pages = weight.data_ptr()
+        return weight
 
     def _split_linear(self, flat: torch.Tensor, parts: int) -> torch.Tensor:
         """`F.linear(flat, weight, bias)` as one `bmm` over `parts` blocks of output features."""
@@ -155,6 +183,17 @@ def measure_fastest(
         if fastest == other and best.get(preferred, float("inf")) < min(best[other] / 0.75, 0.9 * best[default]):
             fastest = preferred
     return fastest if best[fastest] < 0.9 * best[default] else default
+
+
+@functools.cache
+def transparent_huge_pages() -> bool:
+    """Whether Linux backs memory advised so with 2 MB pages: its setting says `[always]` or `[madvise]`."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
+            setting = file.read()
+    except OSError:  # another system
+        return False
+    return "[always]" in setting or "[madvise]" in setting
 
 
 @functools.cache

@@ -857,3 +857,53 @@ def test_fused_decode_block_at_a_width_not_of_16(kernels, dtype):
                          (fused_cache.layers[0].values, own_cache.layers[0].values)):
         assert ours.shape == (2, 2, 6, 20)
         torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+# --- weights on 2 MB pages ------------------------------------------------------------------------------------
+
+
+def test_decoding_moves_the_weights_onto_huge_pages_once_keeping_the_parameters(kernels, two_threads):
+    """The first decode step moves each large weight (2 MB and more) onto 2 MB-aligned memory advised for huge pages
+    where Linux allows them: the same Parameter objects (the head still tied to the embedding), the same values and
+    logits, moved once, and trainable afterwards, also when decoding ran in inference mode."""
+    torch.manual_seed(0)
+    model = make_lm(emb_dim=256, n_heads=4, vocab_size=4096)  # the head and embedding 4 MB, each block's under 1 MB
+    head = model.lm_head.weight
+    assert head is model.model.tok_emb.weight
+    values, address = head.detach().clone(), head.data_ptr()
+    ids = torch.randint(0, 4096, (1, 5))
+    expected = model(ids).logits.detach()  # with gradients: F.linear, nothing moved
+    assert head.data_ptr() == address
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    moves = speedups_scratchgpt.transparent_huge_pages()
+    assert model.lm_head.weight is head is model.model.tok_emb.weight
+    assert (head.data_ptr() != address) == moves and torch.equal(head, values)
+    if moves:
+        assert head.data_ptr() % 2**21 == 0 and not head.is_inference()
+    small = model.model.trf_blocks[0].ff.fc1.weight  # 1 MB: stays where it is
+    assert small.data_ptr() % 2**21 != 0 or small.nbytes >= 2**21
+    moved_to = head.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert head.data_ptr() == moved_to  # once
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert head.grad is not None and head.grad.shape == head.shape
+
+
+def test_decoding_leaves_weights_that_are_views_or_switched_off(kernels, two_threads, monkeypatch):
+    layer = DecodeLinear(256, 8192)  # 8 MB
+    whole = torch.randn(2 * 8192, 256)
+    layer.weight.data = whole[:8192]  # a view into a tensor twice its size: another tensor's storage
+    address = layer.weight.data_ptr()
+    with torch.no_grad():
+        layer(torch.randn(1, 256))
+    assert layer.weight.data_ptr() == address
+    other = DecodeLinear(256, 8192)
+    address = other.weight.data_ptr()
+    monkeypatch.setattr(DecodeLinear, "huge_pages", False)
+    with torch.no_grad():
+        other(torch.randn(1, 256))
+    assert other.weight.data_ptr() == address
