@@ -12,7 +12,8 @@ in turn, `--rounds` rounds after a warm-up, each figure the median:
   and the head over it);
 - products: the step's matrix-vector products (4 a block and the head) back to back, on the model's own weights,
   each way `DecodeLinear` can take (`kernel`, `kernel-nt`, `linear`, `split`), and in the ways it chose (each run
-  the median of 11 passes, as many as the steps of a run);
+  the median of 11 passes, as many as the steps of a run), and in the ways chosen on copies of the weights on 2 MB
+  pages (where Linux gives them: what `SCRATCHGPT_HUGE_PAGES=1` moves the weights to, off by default);
 - step: the time between two tokens inside `generate()` after a 100-token prompt (`bench.py`'s `StepClock`),
   with the fused decode step (`fused_decode_block`, the default) and with each block's own forward.
 
@@ -21,6 +22,7 @@ The step minus the chosen products is what the step spends beyond reading its we
 """
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -31,7 +33,7 @@ import torch
 
 import bench
 from hf_scratchgpt import modeling_scratchgpt
-from hf_scratchgpt.speedups_scratchgpt import DecodeLinear
+from hf_scratchgpt.speedups_scratchgpt import DecodeLinear, decode_kernels, transparent_huge_pages
 
 PROMPT_TOKENS = 100
 
@@ -63,6 +65,36 @@ def products_run(layers: list[DecodeLinear], way: str | None, passes_per_run: in
     return run
 
 
+def huge_page_products_run(layers: list[DecodeLinear], passes_per_run: int) -> Callable[[], float] | None:
+    """`products_run` in the ways chosen, on copies of the weights on 2 MB pages (`huge_page_copy`, what
+    `SCRATCHGPT_HUGE_PAGES=1` moves them to); None where Linux gives no such pages or the kernels are not built."""
+    kernels = decode_kernels()
+    if kernels is None or not transparent_huge_pages():
+        return None
+    threads, calls = torch.get_num_threads(), []
+    for layer in layers:
+        weight, way = kernels.huge_page_copy(layer.weight.detach()), layer.decode_way(1, threads)
+        x = torch.randn(1, layer.in_features, dtype=weight.dtype)
+        if way in ("kernel", "kernel-nt"):
+            calls.append(functools.partial(kernels.decode_linear, x, weight, layer.bias, way == "kernel-nt"))
+        elif way == "linear":
+            calls.append(functools.partial(torch.nn.functional.linear, x, weight, layer.bias))
+        else:  # the split: not on copies
+            return None
+
+    @torch.no_grad()
+    def run() -> float:
+        passes = []
+        for _ in range(passes_per_run):
+            start = time.perf_counter()
+            for call in calls:
+                call()
+            passes.append(time.perf_counter() - start)
+        return statistics.median(passes)
+
+    return run
+
+
 def step_run(model, prompt: dict, settings: bench.Settings, fused: bool) -> Callable[[], float]:
     """`bench.py`'s decode step run, with the fused decode step or with every block's own forward."""
     run = bench.decode_step_run(model, prompt, settings)
@@ -83,6 +115,8 @@ def measure(dtype: str, rounds: int, shape: str) -> dict:
     for way in ("kernel", "kernel-nt", "linear", "split", None):
         if (run := products_run(layers, way, settings.decode_new - 1)) is not None:
             runs[f"products: {way or 'the ways chosen'}"] = run
+    if (run := huge_page_products_run(layers, settings.decode_new - 1)) is not None:
+        runs["products: chosen, 2 MB pages"] = run
     runs["step: fused blocks"] = step_run(model, prompt, settings, fused=True)
     runs["step: blocks' own forward"] = step_run(model, prompt, settings, fused=False)
     samples = bench.alternate(runs, rounds, warmup=1)

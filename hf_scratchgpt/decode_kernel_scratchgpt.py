@@ -351,8 +351,9 @@ void with_dtype(const torch::Tensor& t, Fn fn) {
 // --- Weights on 2 MB pages -----------------------------------------------------------------------------------
 // A decode step reads every weight once, GPT-2 small's 494 MB in float32: 120,000 pages of 4 KB, far more than the
 // TLB holds, so nearly every page costs a page walk, and the CPU's prefetchers stop at each page's end. On 2 MB
-// pages (Linux's transparent huge pages, asked for with madvise) GPT-2 small's decode step took 1.11-1.17x its
-// weight-read limit against 1.21-1.29x on an AMD EPYC (Zen 5), its products and the rest of the step both faster.
+// pages (Linux's transparent huge pages, asked for with madvise) GPT-2 small's 49 products read 75-78 GB/s instead
+// of 60-61 on an AMD EPYC (Zen 5) whose `sum` read 74-86, and as fast as before where it read 50; but the copy took
+// 0.3-1 s there (fresh memory faulted in), so `DecodeLinear` moves weights only when asked (SCRATCHGPT_HUGE_PAGES).
 
 // A copy of `t` in memory aligned to 2 MB that Linux backs with huge pages where its settings allow
 // (/sys/kernel/mm/transparent_hugepage/enabled: always or madvise): each whole 2 MB of it on one page.

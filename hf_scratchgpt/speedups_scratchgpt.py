@@ -22,6 +22,7 @@ code: it imports only torch, transformers and that sibling.
 
 import functools
 import glob
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -56,16 +57,17 @@ class DecodeLinear(nn.Linear):
     `F.linear` is replaced only by a way 10% faster. Training, GPUs, autocast, `torch.compile` and small matrices
     take `F.linear`.
 
-    Before its first product in decoding, the layer moves its weight onto 2 MB pages where Linux allows it
-    (`huge_pages`, `_to_huge_pages`): a decode step reads all the weights, and on 4 KB pages nearly every page of
-    them costs a page walk.
+    With `huge_pages` on (`SCRATCHGPT_HUGE_PAGES=1`), the layer first moves its weight onto 2 MB pages where Linux
+    allows it (`_to_huge_pages`): a decode step reads all the weights, and on 4 KB pages nearly every page of them
+    costs a page walk. Off by default: the move costs the first decode step 0.3-1 s at GPT-2 small on this
+    project's virtual machines (faulting in fresh memory), more than short `generate()` calls win back.
     """
 
     # (rows, out_features, in_features, dtype, threads) -> "linear", "split", "kernel" or "kernel-nt", for the process
     fastest_way: dict[tuple, str] = {}
     max_rows = 16  # more rows than this are not decoding: F.linear
     min_weights = 2**19  # 512K weights, from GPT-2 small's 768 x 768 up; fewer: F.linear
-    huge_pages = True  # False: decoding leaves the weights where they are
+    huge_pages = os.environ.get("SCRATCHGPT_HUGE_PAGES", "0") == "1"  # True: decoding moves the weights (above)
     _on_huge_pages = 0  # the address of the weight's data once moved (or found not movable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -862,10 +862,11 @@ def test_fused_decode_block_at_a_width_not_of_16(kernels, dtype):
 # --- weights on 2 MB pages ------------------------------------------------------------------------------------
 
 
-def test_decoding_moves_the_weights_onto_huge_pages_once_keeping_the_parameters(kernels, two_threads):
-    """The first decode step moves each large weight (2 MB and more) onto 2 MB-aligned memory advised for huge pages
+def test_decoding_moves_the_weights_onto_huge_pages_once_keeping_the_parameters(kernels, two_threads, monkeypatch):
+    """With `huge_pages` on, the first decode step moves each large weight (2 MB and more) onto 2 MB-aligned memory advised for huge pages
     where Linux allows them: the same Parameter objects (the head still tied to the embedding), the same values and
     logits, moved once, and trainable afterwards, also when decoding ran in inference mode."""
+    monkeypatch.setattr(DecodeLinear, "huge_pages", True)
     torch.manual_seed(0)
     model = make_lm(emb_dim=256, n_heads=4, vocab_size=4096)  # the head and embedding 4 MB, each block's under 1 MB
     head = model.lm_head.weight
@@ -894,6 +895,7 @@ def test_decoding_moves_the_weights_onto_huge_pages_once_keeping_the_parameters(
 
 
 def test_decoding_leaves_weights_that_are_views_or_switched_off(kernels, two_threads, monkeypatch):
+    monkeypatch.setattr(DecodeLinear, "huge_pages", True)
     layer = DecodeLinear(256, 8192)  # 8 MB
     whole = torch.randn(2 * 8192, 256)
     layer.weight.data = whole[:8192]  # a view into a tensor twice its size: another tensor's storage
