@@ -33,7 +33,12 @@ import torch
 
 import bench
 from hf_scratchgpt import modeling_scratchgpt
-from hf_scratchgpt.speedups_scratchgpt import DecodeLinear, decode_kernels, transparent_huge_pages
+from hf_scratchgpt.speedups_scratchgpt import (
+    DecodeLinear,
+    decode_kernels,
+    movable_to_huge_pages,
+    transparent_huge_pages,
+)
 
 PROMPT_TOKENS = 100
 
@@ -66,20 +71,23 @@ def products_run(layers: list[DecodeLinear], way: str | None, passes_per_run: in
 
 
 def huge_page_products_run(layers: list[DecodeLinear], passes_per_run: int) -> Callable[[], float] | None:
-    """`products_run` in the ways chosen, on copies of the weights on 2 MB pages (`huge_page_copy`, what
-    `SCRATCHGPT_HUGE_PAGES=1` moves them to); None where Linux gives no such pages or the kernels are not built."""
-    kernels = decode_kernels()
+    """`products_run` in the ways chosen, on copies of the weights that `SCRATCHGPT_HUGE_PAGES=1` moves onto 2 MB pages
+    (`movable_to_huge_pages`: 2 MB and more) made as it makes them (`huge_page_copy`), the others as they are; None
+    where Linux gives no such pages, the kernels are not built, or a way is the split (not run on copies)."""
+    kernels, threads = decode_kernels(), torch.get_num_threads()
     if kernels is None or not transparent_huge_pages():
         return None
-    threads, calls = torch.get_num_threads(), []
+    calls = []
     for layer in layers:
-        weight, way = kernels.huge_page_copy(layer.weight.detach()), layer.decode_way(1, threads)
+        weight, way = layer.weight.detach(), layer.decode_way(1, threads)
+        if movable_to_huge_pages(weight):
+            weight = kernels.huge_page_copy(weight)
         x = torch.randn(1, layer.in_features, dtype=weight.dtype)
         if way in ("kernel", "kernel-nt"):
             calls.append(functools.partial(kernels.decode_linear, x, weight, layer.bias, way == "kernel-nt"))
         elif way == "linear":
             calls.append(functools.partial(torch.nn.functional.linear, x, weight, layer.bias))
-        else:  # the split: not on copies
+        else:
             return None
 
     @torch.no_grad()

@@ -11,9 +11,10 @@ Between the products, a decode step spent more time in Python than in its other 
 products took 9.4 ms of a 12.0 ms step at 55 GB/s, and replaced by zeros, the model's step still took 1.3 ms.
 So the same build holds a transformer block's decode step in two calls, `block_attention_input` and
 `block_output` (`fused_decode_block` in `speedups_scratchgpt.py` calls them): the block's math operator by
-operator, ATen's operators and the products called from C++, and the attention of one query over the cache by
-`decode_attention` (ATen's SDPA took 40-50 us a layer there at 100 keys, with the keys and values no longer in the
-caches; this kernel 15-30). The step now takes 10.6-10.9 ms.
+operator, the products called from C++, the norms, activation and shortcuts written out 16 values at a time, and
+the attention of one query over the cache by `decode_attention` (ATen's SDPA took 40-50 us a layer there at 100
+keys, with the keys and values no longer in the caches; this kernel 13). The step then took 10.6-10.9 ms with
+ATen's small operators, and 1.4% less with these (10.16 against 10.30 ms at 72 GB/s; a bf16 step 4.4% less).
 
 It is C++ with the compilers' vector extensions, built by PyTorch's own `torch.utils.cpp_extension` with
 `-march=native` for the machine at hand (about 20 s once, then loaded from `TORCH_EXTENSIONS_DIR`), the first time a
@@ -247,8 +248,8 @@ torch::Tensor decode_linear(torch::Tensor x, torch::Tensor weight, c10::optional
 
 // --- A decode step's small operators, 16 values at a time --------------------------------------------------------
 // A decode step's attention, norms, activation and shortcuts are vectors of a few thousand values: called as ATen
-// operators (dispatch, allocation, a parallel region each), GPT-2 small's took 40-60 us a block, 0.5-0.7 ms of a
-// 9 ms step on an AMD EPYC. Written out here they take a few.
+// operators (dispatch, allocation, a parallel region each), GPT-2 small's blocks spent 0.5-0.7 ms of a 9.4-10.4 ms
+// step beyond their products on an AMD EPYC (Zen 5, 70-80 GB/s); written out here, 0.35-0.45 ms.
 
 typedef uint16_t h16v __attribute__((vector_size(32), aligned(2), may_alias));
 typedef int32_t i16v __attribute__((vector_size(64)));
@@ -272,10 +273,10 @@ inline void store1(at::BFloat16* p, float v) { *p = static_cast<at::BFloat16>(v)
 inline f16v splat(float v) { return f16v{} + v; }
 
 // e^x for 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p Cephes' polynomial for expf (within 2 ulp);
-// 0 below -87.3, where float32 runs out of normal numbers (and for -inf, a masked score).
+// 0 below -87.3, where float32 runs out of normal numbers, for -inf (a masked score) and for NaN (callers keep it).
 inline f16v exp16(f16v x) {
   const i16v keep = x >= -87.3f;
-  x = x < -87.3f ? splat(-87.3f) : x;
+  x = x >= -87.3f ? x : splat(-87.3f);  // NaN too
   x = x > 88.3f ? splat(88.3f) : x;
   const f16v t = x * 1.44269504088896341f + 0.5f;
   i16v n = __builtin_convertvector(t, i16v);  // toward zero; floor below:
@@ -316,20 +317,19 @@ void layer_norm_rows(const T* x, const T* w, const T* b, T* y, int64_t rows, int
   }
 }
 
-// GELU's tanh approximation (chapter 4.3), in place: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), with
-// tanh(u) = 1 - 2 / (e^2u + 1).
+// GELU's tanh approximation (chapter 4.3), in place: 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3),
+// computed as x / (1 + e^-2u), the same function without 1 + tanh's cancellation for negative x.
 template <typename T>
 void gelu_tanh(T* x, int64_t n) {
   constexpr float kAlpha = 0.7978845608028654f, kBeta = 0.044715f;
   const int64_t whole = n - n % 16;
   for (int64_t i = 0; i < whole; i += 16) {
     const f16v v = load16(x + i);
-    const f16v tanh = 1.f - 2.f / (exp16(2.f * kAlpha * (v + kBeta * v * v * v)) + 1.f);
-    store16(x + i, 0.5f * v * (1.f + tanh));
+    store16(x + i, v / (1.f + exp16(-2.f * kAlpha * (v + kBeta * v * v * v))));
   }
   for (int64_t i = whole; i < n; ++i) {
     const float v = load1(x + i);
-    store1(x + i, 0.5f * v * (1.f + std::tanh(kAlpha * (v + kBeta * v * v * v))));
+    store1(x + i, v / (1.f + std::exp(-2.f * kAlpha * (v + kBeta * v * v * v))));
   }
 }
 
@@ -344,6 +344,7 @@ void add_into(T* y, const T* x, int64_t n) {
 // fn(T{}) for the tensor's dtype: float32 or bfloat16.
 template <typename Fn>
 void with_dtype(const torch::Tensor& t, Fn fn) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   if (t.scalar_type() == at::kFloat) fn(float{});
   else fn(at::BFloat16{});
 }
@@ -388,7 +389,7 @@ void attend(const float* q, const T* k, const T* v, int64_t stride, int64_t Tk, 
   for (int64_t t = 0; t < Tk; ++t) {
     const T* kr = k + t * stride;
     for (int64_t line = 0; line < row_lines; ++line) {  // the key 8 ahead and this value: memory reads in flight
-      __builtin_prefetch(reinterpret_cast<const char*>(kr + 8 * stride) + 64 * line);
+      if (t + 8 < Tk) __builtin_prefetch(reinterpret_cast<const char*>(kr + 8 * stride) + 64 * line);
       __builtin_prefetch(reinterpret_cast<const char*>(v + t * stride) + 64 * line);
     }
     f16v sum = {};
@@ -504,8 +505,8 @@ torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& 
 }
 
 // --- A transformer block's decode step (chapter 4.5) in two calls ----------------------------------------------
-// ScratchGPTBlock's math for one new token, operator by operator: ATen's operators, and the products on the kernel
-// above or on ATen's `linear`, as DecodeLinear measured fastest for each (`way`, `ways`). Called from Python
+// ScratchGPTBlock's math for one new token, operator by operator: the small operators above, and the products on
+// the kernel above or on ATen's `linear`, as DecodeLinear measured fastest for each (`way`, `ways`). Called from Python
 // one operator at a time, a block of GPT-2 small spent 100-140 us of a decode step between its products; the two
 // calls and the checks before them about 40.
 
@@ -519,6 +520,7 @@ torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w, const c10:
 // LayerNorm of x (..., C), contiguous: `layer_norm_rows`, or ATen's where the norm's weights are of another dtype.
 torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b, double eps) {
   const int64_t C = x.size(-1);
+  TORCH_CHECK(C > 0, "layer_norm: no features");
   if (w.scalar_type() != x.scalar_type() || b.scalar_type() != x.scalar_type() || !w.is_contiguous() ||
       !b.is_contiguous() || w.numel() != C || b.numel() != C)
     return at::layer_norm(x, {C}, w, b, eps);
@@ -544,7 +546,10 @@ std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const t
   TORCH_CHECK(x.dim() == 3 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "block_attention_input: x (B, T, C) in float32 or bfloat16");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), hs = C / n_heads;
+  TORCH_CHECK(n_heads > 0 && C % n_heads == 0, "block_attention_input: the width is not a multiple of the heads");
   const torch::Tensor qkv = product(layer_norm(x.contiguous(), norm_w, norm_b, eps), qkv_w, qkv_b, way).contiguous();
+  TORCH_CHECK(qkv.size(-1) == 3 * C && qkv.scalar_type() == x.scalar_type(),
+              "block_attention_input: the query/key/value product does not give 3 x the width in x's dtype");
   const int64_t offset = qkv.storage_offset();
   auto heads = [&](int64_t part) {  // (B, nh, T, hs) of qkv's (B, T, 3, nh, hs)
     return qkv.as_strided({B, n_heads, T, hs}, {T * 3 * C, hs, 3 * C, 1}, offset + part * C);

@@ -4,7 +4,8 @@ in-place KV cache and a chunked training loss.
 None of it changes what the model computes; each piece changes how fast, or in how much memory:
 
 - `DecodeLinear`: `nn.Linear`, with the matrix-vector products of decoding run the way measured fastest on the CPU
-  (one of them ScratchGPT's own kernel, `decode_kernel_scratchgpt.py`);
+  (one of them ScratchGPT's own kernel, `decode_kernel_scratchgpt.py`), and its weight moved onto 2 MB pages when
+  asked (`SCRATCHGPT_HUGE_PAGES=1`);
 - `KVCache` / `KVCacheLayer`: the book's KV cache as a transformers `Cache` that appends in place, instead of
   copying all earlier keys and values at every generated token;
 - `ChunkedLinearCrossEntropy` / `chunked_causal_lm_loss`: the training loss without the (tokens x vocabulary)
@@ -68,7 +69,7 @@ class DecodeLinear(nn.Linear):
     max_rows = 16  # more rows than this are not decoding: F.linear
     min_weights = 2**19  # 512K weights, from GPT-2 small's 768 x 768 up; fewer: F.linear
     huge_pages = os.environ.get("SCRATCHGPT_HUGE_PAGES", "0") == "1"  # True: decoding moves the weights (above)
-    _on_huge_pages = 0  # the address of the weight's data once moved (or found not movable)
+    _huge_pages_tried = False  # the move is tried once a layer (a weight swapped in on every call is not copied)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # each `self.weight` is a lookup: read once (a step makes 49 calls)
@@ -82,7 +83,7 @@ class DecodeLinear(nn.Linear):
             or torch.compiler.is_compiling()
         ):
             return F.linear(x, weight, bias)
-        if self.huge_pages and weight.data_ptr() != self._on_huge_pages:
+        if self.huge_pages and not self._huge_pages_tried:
             weight = self._to_huge_pages()
         threads = torch.get_num_threads()
         shape = (rows, self.out_features, self.in_features, weight.dtype, threads)
@@ -106,22 +107,15 @@ class DecodeLinear(nn.Linear):
 
     def _to_huge_pages(self) -> torch.Tensor:
         """The weight, moved onto 2 MB pages (Linux's transparent huge pages, `huge_page_copy` of the kernels' build)
-        where that can help: a contiguous weight of 2 MB or more with a storage of its own (not a view into another
-        tensor's), with the kernels built and huge pages on. The Parameter stays the same object (tied weights stay
-        tied, an optimizer keeps it); only its data moves, once."""
+        where `movable_to_huge_pages` and the kernels are built. The Parameter stays the same object (tied weights
+        stay tied, an optimizer keeps it); only its data moves, once. A process that decodes with one model from
+        several threads should make the first decode step before starting them: the old data is freed."""
         weight = self._parameters["weight"]
         kernels = decode_kernels()
-        movable = (
-            kernels is not None
-            and transparent_huge_pages()
-            and weight.is_contiguous()
-            and weight.nbytes >= 2**21
-            and weight.untyped_storage().nbytes() == weight.nbytes
-        )
-        if movable:
+        if kernels is not None and movable_to_huge_pages(weight):
             with torch.no_grad(), torch.inference_mode(False):  # a plain tensor, even inside inference mode
                 weight.data = kernels.huge_page_copy(weight.data)
-        self._on_huge_pages = weight.data_ptr()
+        self._huge_pages_tried = True
         return weight
 
     def _split_linear(self, flat: torch.Tensor, parts: int) -> torch.Tensor:
@@ -185,6 +179,19 @@ def measure_fastest(
         if fastest == other and best.get(preferred, float("inf")) < min(best[other] / 0.75, 0.9 * best[default]):
             fastest = preferred
     return fastest if best[fastest] < 0.9 * best[default] else default
+
+
+def movable_to_huge_pages(weight: torch.Tensor) -> bool:
+    """Whether a move onto 2 MB pages can help this weight: Linux gives such pages, and the weight is contiguous, 2 MB
+    or more (a smaller one shares its pages anyway) and has a storage of its own (not a view into another tensor's,
+    which would then no longer see it)."""
+    return (
+        transparent_huge_pages()
+        and weight.is_cpu
+        and weight.is_contiguous()
+        and weight.nbytes >= 2**21
+        and weight.untyped_storage().nbytes() == weight.nbytes
+    )
 
 
 @functools.cache
@@ -486,6 +493,10 @@ def fused_decode_block(
     ways = [layer.decode_way(rows, threads) for layer in (qkv, out_proj, fc1, fc2)]
     if not all(way in ("kernel", "kernel-nt", "linear") for way in ways):
         return None
+    if DecodeLinear.huge_pages:  # the products below do not pass through DecodeLinear.forward, which moves them
+        for layer in (qkv, out_proj, fc1, fc2):
+            if not layer._huge_pages_tried:
+                layer._to_huge_pages()
     # A KVCache's layer with room: this step's keys and values are written into its storage from C++.
     layer = cache.layers[att.layer_idx] if type(cache) is KVCache and att.layer_idx < len(cache.layers) else None
     room = layer.room_for(hidden_states, att.n_heads) if layer is not None else None

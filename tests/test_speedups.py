@@ -788,15 +788,18 @@ def test_generate_decodes_fused_also_after_a_call_capturing_outputs(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_steps_gelu_and_layer_norm_are_torchs(kernels, dtype):
-    """GELU (tanh) and LayerNorm as the fused step computes them, 16 values at a time and the rest one by one (53 =
-    3 x 16 + 5), over the range of activations: from -60 (GELU's exponential underflows) to 60 (it would overflow),
-    and rows of 53 with large means."""
+    """GELU (tanh) and LayerNorm as the fused step computes them, 16 values at a time and the rest one by one, over the
+    range of activations: from -60 (GELU's exponential underflows) to 60 (it would overflow), in rows of 53 (3 x 16
+    + 5, each row on its own: the tail sees the whole range) and all 318 at once; LayerNorm over rows of 53 with means
+    up to 500."""
     torch.manual_seed(0)
     x = torch.cat([torch.linspace(-60, 60, 3 * 53), torch.randn(3 * 53) * 3]).view(6, 53).to(dtype)
     expected = F.gelu(x.double(), approximate="tanh")
     tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     assert kernels.gelu_tanh(x).dtype == dtype
     torch.testing.assert_close(kernels.gelu_tanh(x).double(), expected, **tolerance)
+    by_row = torch.stack([kernels.gelu_tanh(row) for row in x])
+    torch.testing.assert_close(by_row.double(), expected, **tolerance)
     nan = kernels.gelu_tanh(torch.tensor([float("nan")] * 17, dtype=dtype))
     assert nan.isnan().all()  # NaN stays NaN, in the vector and in the tail
 
@@ -823,6 +826,41 @@ def test_decode_attention_with_sharp_scores(kernels, dtype):
     exact = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), scale=1.0)
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.double(), exact, **tolerance)
+
+
+def test_decode_attention_gives_nan_for_a_nan_key_unless_masked(kernels):
+    """A NaN key makes its head's output NaN, as in ATen's kernels; masked out, it changes nothing."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    key[0, 0, 7] = float("nan")
+    out = kernels.decode_attention(query, key, value, None, 0.125)
+    assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
+    keep = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    keep[..., 7] = False
+    out = kernels.decode_attention(query, key, value, keep, 0.125)
+    exact = F.scaled_dot_product_attention(query.double(), key.nan_to_num().double(), value.double(), attn_mask=keep,
+                                           scale=0.125)
+    torch.testing.assert_close(out.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_block_attention_input_writes_several_tokens_after_the_past_ones(kernels):
+    """3 new tokens of 2 sequences after 4 in a storage of 10 places: norm1 and the query/key/value product split into
+    4 heads, the keys and values written at places 4-6 of each head, the earlier ones kept."""
+    torch.manual_seed(0)
+    B, T, C, heads, past = 2, 3, 64, 4, 4
+    x, norm_w, norm_b = torch.randn(B, T, C), torch.randn(C), torch.randn(C)
+    qkv_w, qkv_b = torch.randn(3 * C, C), torch.randn(3 * C)
+    key_store, value_store = torch.randn(B, heads, 10, C // heads), torch.randn(B, heads, 10, C // heads)
+    earlier = key_store[:, :, :past].clone(), value_store[:, :, :past].clone()
+    query, key, value = kernels.block_attention_input(x, norm_w, norm_b, 1e-5, qkv_w, qkv_b, heads, "linear",
+                                                      key_store, value_store, past)
+    qkv = F.linear(F.layer_norm(x, (C,), norm_w, norm_b, 1e-5), qkv_w, qkv_b)
+    expected = qkv.view(B, T, 3, heads, C // heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+    torch.testing.assert_close(query, expected[0], atol=1e-5, rtol=1e-5)
+    assert key.shape == value.shape == (B, heads, past + T, C // heads)
+    torch.testing.assert_close(key, torch.cat([earlier[0], expected[1]], 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value, torch.cat([earlier[1], expected[2]], 2), atol=1e-5, rtol=1e-5)
+    assert key.data_ptr() == key_store.data_ptr() and value.data_ptr() == value_store.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -863,27 +901,29 @@ def test_fused_decode_block_at_a_width_not_of_16(kernels, dtype):
 
 
 def test_decoding_moves_the_weights_onto_huge_pages_once_keeping_the_parameters(kernels, two_threads, monkeypatch):
-    """With `huge_pages` on, the first decode step moves each large weight (2 MB and more) onto 2 MB-aligned memory advised for huge pages
-    where Linux allows them: the same Parameter objects (the head still tied to the embedding), the same values and
-    logits, moved once, and trainable afterwards, also when decoding ran in inference mode."""
+    """With `huge_pages` on, the first decode step moves each large weight (2 MB and more) onto 2 MB-aligned memory
+    (advised for huge pages; whether Linux gives them is its business): the same Parameter objects (the head still
+    tied to the embedding), the same values and logits, moved once, and trainable afterwards, also when decoding ran
+    in inference mode. A second model of the shape decodes fused from its first step: its blocks' weights move too."""
     monkeypatch.setattr(DecodeLinear, "huge_pages", True)
-    torch.manual_seed(0)
-    model = make_lm(emb_dim=256, n_heads=4, vocab_size=4096)  # the head and embedding 4 MB, each block's under 1 MB
-    head = model.lm_head.weight
+    monkeypatch.setattr(speedups_scratchgpt, "transparent_huge_pages", lambda: True)
+
+    def decoder(seed):  # the head and embedding 8 MB; qkv 3 MB, fc1 and fc2 4 MB; out_proj 1 MB (not moved)
+        return make_lm(seed, emb_dim=512, n_heads=8, vocab_size=4096)
+
+    model = decoder(0)
+    head, out_proj = model.lm_head.weight, model.model.trf_blocks[0].att.out_proj.weight
     assert head is model.model.tok_emb.weight
-    values, address = head.detach().clone(), head.data_ptr()
+    values, addresses = head.detach().clone(), (head.data_ptr(), out_proj.data_ptr())
     ids = torch.randint(0, 4096, (1, 5))
     expected = model(ids).logits.detach()  # with gradients: F.linear, nothing moved
-    assert head.data_ptr() == address
+    assert head.data_ptr() == addresses[0]
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=3, do_sample=False)
-    moves = speedups_scratchgpt.transparent_huge_pages()
     assert model.lm_head.weight is head is model.model.tok_emb.weight
-    assert (head.data_ptr() != address) == moves and torch.equal(head, values)
-    if moves:
-        assert head.data_ptr() % 2**21 == 0 and not head.is_inference()
-    small = model.model.trf_blocks[0].ff.fc1.weight  # 1 MB: stays where it is
-    assert small.data_ptr() % 2**21 != 0 or small.nbytes >= 2**21
+    assert head.data_ptr() != addresses[0] and head.data_ptr() % 2**21 == 0 and torch.equal(head, values)
+    assert not head.is_inference()
+    assert out_proj.data_ptr() == addresses[1]  # 1 MB: its pages are shared anyway
     moved_to = head.data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected)
@@ -893,19 +933,33 @@ def test_decoding_moves_the_weights_onto_huge_pages_once_keeping_the_parameters(
     model(ids, labels=ids).loss.backward()
     assert head.grad is not None and head.grad.shape == head.shape
 
+    second = decoder(1)
+    block = second.model.trf_blocks[0]
+    prompt = torch.randint(0, 4096, (1, 20))  # more rows than decoding has: the prefill runs F.linear, moves nothing
+    with torch.no_grad(), mock.patch.object(DecodeLinear, "_measure", side_effect=AssertionError("measured again")):
+        second.generate(prompt, max_new_tokens=2, do_sample=False)
+    assert all(layer.weight.data_ptr() % 2**21 == 0 for layer in (block.att.qkv, block.ff.fc1, block.ff.fc2))
 
-def test_decoding_leaves_weights_that_are_views_or_switched_off(kernels, two_threads, monkeypatch):
+
+def test_decoding_leaves_small_weights_views_and_switched_off(kernels, two_threads, monkeypatch):
+    """Nothing moves a bfloat16 768 x 768 weight (decoded by DecodeLinear, 1.2 MB), a view into a tensor twice its
+    size (another tensor's storage), or any weight with `huge_pages` off; a weight of its own of 8 MB moves."""
     monkeypatch.setattr(DecodeLinear, "huge_pages", True)
-    layer = DecodeLinear(256, 8192)  # 8 MB
-    whole = torch.randn(2 * 8192, 256)
-    layer.weight.data = whole[:8192]  # a view into a tensor twice its size: another tensor's storage
-    address = layer.weight.data_ptr()
+    monkeypatch.setattr(speedups_scratchgpt, "transparent_huge_pages", lambda: True)
+    small = DecodeLinear(768, 768).to(torch.bfloat16)
+    view = DecodeLinear(256, 8192)
+    view.weight.data = torch.randn(2 * 8192, 256)[:8192]
+    own = DecodeLinear(256, 8192)
+    addresses = [layer.weight.data_ptr() for layer in (small, view, own)]
     with torch.no_grad():
-        layer(torch.randn(1, 256))
-    assert layer.weight.data_ptr() == address
-    other = DecodeLinear(256, 8192)
-    address = other.weight.data_ptr()
+        small(torch.randn(1, 768, dtype=torch.bfloat16))
+        view(torch.randn(1, 256))
+        own(torch.randn(1, 256))
+    assert [layer.weight.data_ptr() for layer in (small, view, own)][:2] == addresses[:2]
+    assert own.weight.data_ptr() != addresses[2] and own.weight.data_ptr() % 2**21 == 0
+    off = DecodeLinear(256, 8192)
+    address = off.weight.data_ptr()
     monkeypatch.setattr(DecodeLinear, "huge_pages", False)
     with torch.no_grad():
-        other(torch.randn(1, 256))
-    assert other.weight.data_ptr() == address
+        off(torch.randn(1, 256))
+    assert off.weight.data_ptr() == address
