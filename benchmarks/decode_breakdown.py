@@ -56,11 +56,17 @@ def products_run(layers: list[DecodeLinear], way: str | None, passes_per_run: in
         if chosen not in ways:
             return None
         calls.append(ways[chosen])
+    return back_to_back(calls, passes_per_run)
+
+
+def back_to_back(calls: list[Callable[[], object]], passes_per_run: int) -> Callable[[], float]:
+    """A run that makes the calls one after another, `passes_per_run` times, and returns the median pass's seconds
+    (the median, as a step's figure is the median of a generate()'s steps)."""
 
     @torch.no_grad()  # as in generate(): the weights require gradients
     def run() -> float:
         passes = []
-        for _ in range(passes_per_run):  # the median, as a step's figure is the median of a generate()'s steps
+        for _ in range(passes_per_run):
             start = time.perf_counter()
             for call in calls:
                 call()
@@ -89,18 +95,7 @@ def huge_page_products_run(layers: list[DecodeLinear], passes_per_run: int) -> C
             calls.append(functools.partial(torch.nn.functional.linear, x, weight, layer.bias))
         else:
             return None
-
-    @torch.no_grad()
-    def run() -> float:
-        passes = []
-        for _ in range(passes_per_run):
-            start = time.perf_counter()
-            for call in calls:
-                call()
-            passes.append(time.perf_counter() - start)
-        return statistics.median(passes)
-
-    return run
+    return back_to_back(calls, passes_per_run)
 
 
 def step_run(model, prompt: dict, settings: bench.Settings, fused: bool) -> Callable[[], float]:
