@@ -11,7 +11,8 @@ each ratio is ScratchGPT / GPT-2 from medians of the same run:
 3. generation: greedy `generate()` tokens/s with the KV cache, at batch 1 and 8;
 4. decode: time per new token after 100 and 1,000 tokens of context (models of context 1,024), timed token by
    token inside `generate()` so the prefill is left out; its growth from 100 to 1,000; and the step at 100 as a
-   multiple of the time to read the weights once at the read bandwidth measured in the same run (its limit);
+   multiple of the time to read the weights once at the read bandwidth measured in the same round (its limit; the
+   median of the rounds' ratios);
 5. peak memory of a training step, and of generating 24 tokens after a 1,000-token prompt, each model in a fresh
    child process (the measurements not alternated; generation's the median of 3 processes each, as one model's
    peak moves by up to 0.5% from process to process);
@@ -384,13 +385,14 @@ def decode_step_run(model, prompt: dict, settings: Settings) -> Callable[[], flo
 
 def measure_decode(pair, shape: str, attn: str, settings: Settings) -> list[Row]:
     """Seconds per decode step after 100 and after 1,000 tokens of prompt, and their ratio, for both models; the
-    step at 100 against the weight-read limit, the read bandwidth measured in turn with the decode runs."""
+    step at 100 against the weight-read limit, the read bandwidth measured in each round just before the decode runs."""
     per_step = {}
     for context in DECODE_CONTEXTS:
         prompt = random_prompt(1, context, settings)
-        runs = {name: decode_step_run(pair[name], prompt, settings) for name in MODELS}
-        if context == DECODE_CONTEXTS[0]:
+        runs = {}
+        if context == DECODE_CONTEXTS[0]:  # first in each round: next to ScratchGPT's steps in time
             runs["read"], read_bytes = read_run(settings)
+        runs |= {name: decode_step_run(pair[name], prompt, settings) for name in MODELS}
         per_step[context] = alternate(runs, settings.decode_rounds, warmup=1)
     ms = {context: {name: 1e3 * median(per_step[context][name]) for name in MODELS} for context in DECODE_CONTEXTS}
     short, long = DECODE_CONTEXTS
@@ -402,12 +404,16 @@ def measure_decode(pair, shape: str, attn: str, settings: Settings) -> list[Row]
     growth = {name: ms[long][name] / ms[short][name] for name in MODELS}
     rows.append(Row(shape, attn, f"decode growth {long}/{short} context", "x", growth["scratchgpt"], growth["gpt2"],
                     growth["scratchgpt"] / growth["gpt2"]))
-    bandwidth = read_bytes / median(per_step[short]["read"])
+    # Each round's steps against the limit at the bandwidth read in that round, then the median of the rounds: the
+    # bandwidth of a virtual machine can change between rounds (by 1.5x, for minutes, on this project's).
     weight_bytes = decode_weight_bytes(pair["scratchgpt"])
-    limit_ms = 1e3 * weight_bytes / bandwidth
-    rows.append(Row(shape, attn, "decode step / weight-read limit", "x", ms[short]["scratchgpt"] / limit_ms,
-                    ms[short]["gpt2"] / limit_ms, ms[short]["scratchgpt"] / ms[short]["gpt2"],
-                    samples={"limit_ms": limit_ms, "read_gb_s": bandwidth / 1e9, "weight_mb": weight_bytes / 1e6}))
+    limits = [weight_bytes * seconds / read_bytes for seconds in per_step[short]["read"]]
+    ratio = {name: median([step / limit for step, limit in zip(per_step[short][name], limits)]) for name in MODELS}
+    bandwidth = read_bytes / median(per_step[short]["read"])
+    rows.append(Row(shape, attn, "decode step / weight-read limit", "x", ratio["scratchgpt"], ratio["gpt2"],
+                    ratio["scratchgpt"] / ratio["gpt2"],
+                    samples={"limit_ms": 1e3 * median(limits), "read_gb_s": bandwidth / 1e9,
+                             "weight_mb": weight_bytes / 1e6, "limit_ms_by_round": [1e3 * s for s in limits]}))
     return rows
 
 
@@ -781,7 +787,8 @@ def print_notes(settings: Settings, rows: list[Row]) -> None:
     for row in rows:
         if row.measure == "decode step / weight-read limit":
             print(f"weight-read limit, {row.shape}/{row.attn}: {row.samples['weight_mb']:.0f} MB of blocks and head at"
-                  f" {row.samples['read_gb_s']:.1f} GB/s (torch.sum over 256 MiB) = {row.samples['limit_ms']:.2f} ms")
+                  f" {row.samples['read_gb_s']:.1f} GB/s (torch.sum over 256 MiB; medians of the rounds, each round's"
+                  f" step set against its own read) = {row.samples['limit_ms']:.2f} ms")
     if settings.bf16:
         no_amx = settings.device == "cpu" and not settings.amx
         print(f"bf16: training under torch.autocast(bfloat16) with float32 weights (Trainer's --bf16); decoding with"
