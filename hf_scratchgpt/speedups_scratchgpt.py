@@ -107,7 +107,7 @@ class DecodeLinear(nn.Linear):
 
     def _to_huge_pages(self) -> torch.Tensor:
         """The weight, moved onto 2 MB pages (Linux's transparent huge pages, `huge_page_copy` of the kernels' build)
-        where `movable_to_huge_pages` and the kernels are built. The Parameter stays the same object (tied weights
+        where `movable_to_huge_pages` says it can help and the kernels are built. The Parameter stays the same object (tied weights
         stay tied, an optimizer keeps it); only its data moves, once. A process that decodes with one model from
         several threads should make the first decode step before starting them: the old data is freed."""
         weight = self._parameters["weight"]
@@ -493,10 +493,9 @@ def fused_decode_block(
     ways = [layer.decode_way(rows, threads) for layer in (qkv, out_proj, fc1, fc2)]
     if not all(way in ("kernel", "kernel-nt", "linear") for way in ways):
         return None
-    if DecodeLinear.huge_pages:  # the products below do not pass through DecodeLinear.forward, which moves them
-        for layer in (qkv, out_proj, fc1, fc2):
-            if not layer._huge_pages_tried:
-                layer._to_huge_pages()
+    for layer in (qkv, out_proj, fc1, fc2):  # the products below do not pass through DecodeLinear.forward's move
+        if layer.huge_pages and not layer._huge_pages_tried:
+            layer._to_huge_pages()
     # A KVCache's layer with room: this step's keys and values are written into its storage from C++.
     layer = cache.layers[att.layer_idx] if type(cache) is KVCache and att.layer_idx < len(cache.layers) else None
     room = layer.room_for(hidden_states, att.n_heads) if layer is not None else None
