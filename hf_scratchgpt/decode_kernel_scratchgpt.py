@@ -13,8 +13,8 @@ So the same build holds a transformer block's decode step in two calls, `block_a
 `block_output` (`fused_decode_block` in `speedups_scratchgpt.py` calls them): the block's math operator by
 operator, the products called from C++, the norms, activation and shortcuts written out 16 values at a time, and
 the attention of one query over the cache by `decode_attention` (ATen's SDPA took 40-50 us a layer there at 100
-keys, with the keys and values no longer in the caches; this kernel 13). The step then took 10.6-10.9 ms with
-ATen's small operators, and 1.4% less with these (10.16 against 10.30 ms at 72 GB/s; a bf16 step 4.4% less).
+keys, with the keys and values no longer in the caches; this kernel 13 us). With ATen's small operators the step
+took 10.6-10.9 ms; with these, 1.4% less in turn (10.16 against 10.30 ms at 72 GB/s; a bf16 step 4.4% less).
 
 It is C++ with the compilers' vector extensions, built by PyTorch's own `torch.utils.cpp_extension` with
 `-march=native` for the machine at hand (about 20 s once, then loaded from `TORCH_EXTENSIONS_DIR`), the first time a
@@ -350,7 +350,7 @@ void with_dtype(const torch::Tensor& t, Fn fn) {
 }
 
 // --- Weights on 2 MB pages -----------------------------------------------------------------------------------
-// A decode step reads every weight once, GPT-2 small's 494 MB in float32: 120,000 pages of 4 KB, far more than the
+// A decode step reads every weight once, GPT-2 small's 495 MB in float32: 121,000 pages of 4 KB, far more than the
 // TLB holds, so nearly every page costs a page walk, and the CPU's prefetchers stop at each page's end. On 2 MB
 // pages (Linux's transparent huge pages, asked for with madvise) GPT-2 small's 49 products read 75-78 GB/s instead
 // of 60-61 on an AMD EPYC (Zen 5) whose `sum` read 74-86, and as fast as before where it read 50; but the copy took
@@ -650,8 +650,8 @@ def _machine() -> str:
 def build_decode_kernels(extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     """The kernels compiled for this machine, or loaded from an earlier build of the same source for the same
     machine: a module of `decode_linear(x, weight, bias, non_temporal=False)`, `decode_attention(query, key, value,
-    mask, scaling)`, `block_attention_input(...)`, `block_output(...)`, and the latter's `layer_norm(x, weight, bias,
-    eps)` and `gelu_tanh(x)`, and `huge_page_copy(tensor)`; raises where they cannot be built.
+    mask, scaling)`, `block_attention_input(...)`, `block_output(...)`, the two's own `layer_norm(x, weight, bias,
+    eps)` and `gelu_tanh(x)` (for tests), and `huge_page_copy(tensor)`; raises where they cannot be built.
     `extra_cflags` go to the compiler after `-march=native`."""
     from torch.utils import cpp_extension
 

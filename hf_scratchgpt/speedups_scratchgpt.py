@@ -107,9 +107,10 @@ class DecodeLinear(nn.Linear):
 
     def _to_huge_pages(self) -> torch.Tensor:
         """The weight, moved onto 2 MB pages (Linux's transparent huge pages, `huge_page_copy` of the kernels' build)
-        where `movable_to_huge_pages` says it can help and the kernels are built. The Parameter stays the same object (tied weights
-        stay tied, an optimizer keeps it); only its data moves, once. A process that decodes with one model from
-        several threads should make the first decode step before starting them: the old data is freed."""
+        where `movable_to_huge_pages` says it can help and the kernels are built. The Parameter stays the same
+        object (tied weights stay tied, an optimizer keeps it); only its data moves, once. A process that decodes
+        with one model from several threads should make the first decode step before starting them: the old data
+        is freed."""
         weight = self._parameters["weight"]
         kernels = decode_kernels()
         if kernels is not None and movable_to_huge_pages(weight):
