@@ -83,8 +83,7 @@ class DecodeLinear(nn.Linear):
             or torch.compiler.is_compiling()
         ):
             return F.linear(x, weight, bias)
-        if self.huge_pages and not self._huge_pages_tried:
-            weight = self._to_huge_pages()
+        weight = self._decoding_weight()
         threads = torch.get_num_threads()
         shape = (rows, self.out_features, self.in_features, weight.dtype, threads)
         way = self.fastest_way.get(shape)
@@ -104,6 +103,12 @@ class DecodeLinear(nn.Linear):
             return "linear"
         dtype = self._parameters["weight"].dtype  # not `self.weight`: a decode step asks 48 times
         return self.fastest_way.get((rows, self.out_features, self.in_features, dtype, threads))
+
+    def _decoding_weight(self) -> torch.Tensor:
+        """The weight as decoding reads it: moved onto 2 MB pages first, once, where `huge_pages` asks for it."""
+        if self.huge_pages and not self._huge_pages_tried:
+            return self._to_huge_pages()
+        return self._parameters["weight"]
 
     def _to_huge_pages(self) -> torch.Tensor:
         """The weight, moved onto 2 MB pages (Linux's transparent huge pages, `huge_page_copy` of the kernels' build)
@@ -494,9 +499,8 @@ def fused_decode_block(
     ways = [layer.decode_way(rows, threads) for layer in (qkv, out_proj, fc1, fc2)]
     if not all(way in ("kernel", "kernel-nt", "linear") for way in ways):
         return None
-    for layer in (qkv, out_proj, fc1, fc2):  # the products below do not pass through DecodeLinear.forward's move
-        if layer.huge_pages and not layer._huge_pages_tried:
-            layer._to_huge_pages()
+    for layer in (qkv, out_proj, fc1, fc2):  # the products below do not pass through DecodeLinear.forward
+        layer._decoding_weight()
     # A KVCache's layer with room: this step's keys and values are written into its storage from C++.
     layer = cache.layers[att.layer_idx] if type(cache) is KVCache and att.layer_idx < len(cache.layers) else None
     room = layer.room_for(hidden_states, att.n_heads) if layer is not None else None
