@@ -271,8 +271,8 @@ class KVCacheLayer(DynamicLayer):
         store = self.key_store
         return (
             store is not None
-            and self.keys._base is store
-            and self.values._base is self.value_store
+            and _first_places_of(self.keys, store)
+            and _first_places_of(self.values, self.value_store)
             and store.shape[:2] == batch_heads
             and store.dtype == dtype
             and total <= store.shape[-2]
@@ -296,6 +296,13 @@ class KVCacheLayer(DynamicLayer):
         if past:
             store[..., :past, :] = past_states
         return store
+
+
+def _first_places_of(view: torch.Tensor, store: torch.Tensor) -> bool:
+    """Whether `view` is the storage's first positions of every sequence and head, as `narrow` makes them. Not by
+    `view._base`: a view made under `torch.inference_mode()` (as `pipeline()` runs) has none, and the cache would
+    copy itself into new storage every step."""
+    return view.data_ptr() == store.data_ptr() and view.stride() == store.stride() and view.shape[:2] == store.shape[:2]
 
 
 class KVCache(DynamicCache):

@@ -385,17 +385,19 @@ def test_decoding_with_the_kernel_gives_the_logits_of_f_linear(kernel, two_threa
         torch.testing.assert_close(ours, theirs, **tolerance)
 
 
-def test_kv_cache_of_one_generate_call_grows_by_doubling_in_the_next():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])  # pipeline() decodes in inference mode
+def test_kv_cache_of_one_generate_call_grows_by_doubling_in_the_next(mode):
     """generate() bounds the storage by its own length; a cache passed on to a later call still doubles (up to the
     context), not one position at a time."""
     model = make_lm(eos_token_id=None, pad_token_id=0)  # context 64
     ids = torch.randint(1, 1000, (1, 10))
-    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    with mode():
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     cache = out.cache
     assert all(layer.key_store.shape[-2] == 14 for layer in cache.layers)  # 10 + 4: the length generated to
     stores = set()
     for step in range(20):
-        with torch.no_grad():
+        with mode():
             model(out.sequences[:, -1:] if step == 0 else torch.randint(1, 1000, (1, 1)), cache=cache)
         stores.add(cache.layers[0].key_store.data_ptr())
     assert cache.layers[0].keys.shape[-2] == 33 and cache.layers[0].key_store.shape[-2] == 62  # 14 -> 30 -> 62
