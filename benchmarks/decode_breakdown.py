@@ -15,8 +15,7 @@ in turn, `--rounds` rounds after a warm-up, each figure the median:
   the median of 11 passes, as many as the steps of a run), and in the ways chosen on copies of the weights on 2 MB
   pages (where Linux gives them: what `SCRATCHGPT_HUGE_PAGES=1` moves the weights to, off by default);
 - step: the time between two tokens inside `generate()` after a 100-token prompt (`bench.py`'s `StepClock`),
-  with the fused decode step (`fused_decode_blocks`: all blocks in one call of C++, the default) and with each
-  block's own forward.
+  with the fused decode step (`fused_decode_block`, the default) and with each block's own forward.
 
 The step minus the chosen products is what the step spends beyond reading its weights: the model's and
 `generate()`'s Python, the attention, the norms and the calls. The table's first line names the machine.
@@ -104,8 +103,7 @@ def step_run(model, prompt: dict, settings: bench.Settings, fused: bool) -> Call
     run = bench.decode_step_run(model, prompt, settings)
     if fused:
         return run
-    no_fusion = mock.patch.multiple(modeling_scratchgpt, fused_decode_blocks=lambda *args: None,
-                                    fused_decode_block=lambda *args: None)
+    no_fusion = mock.patch.object(modeling_scratchgpt, "fused_decode_block", lambda *args: None)
     return no_fusion(run)  # decorated: patched during each call only
 
 

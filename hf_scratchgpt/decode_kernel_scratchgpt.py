@@ -542,6 +542,7 @@ std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const t
                                                  const std::string& way,
                                                  const c10::optional<torch::Tensor>& key_store,
                                                  const c10::optional<torch::Tensor>& value_store, int64_t past) {
+  pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(x.dim() == 3 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "block_attention_input: x (B, T, C) in float32 or bfloat16");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), hs = C / n_heads;
@@ -582,6 +583,7 @@ torch::Tensor block_output(const torch::Tensor& x, const torch::Tensor& query, c
                            const torch::Tensor& fc1_w, const c10::optional<torch::Tensor>& fc1_b,
                            const torch::Tensor& fc2_w, const c10::optional<torch::Tensor>& fc2_b,
                            const std::vector<std::string>& ways) {
+  pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(ways.size() == 3, "block_output: one way for each of out_proj, fc1 and fc2");
   TORCH_CHECK(x.dim() == 3 && query.scalar_type() == x.scalar_type(), "block_output: x (B, T, C), query of its dtype");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
@@ -603,46 +605,13 @@ torch::Tensor block_output(const torch::Tensor& x, const torch::Tensor& query, c
   return y;
 }
 
-// All the blocks' decode step in one call: for each block in turn, `block_attention_input` (its keys and values
-// written into its cache layer's storage after the `past` places filled) and `block_output`. Per block: 12 `weights`
-// (norm1's weight and bias, qkv's, out_proj's, norm2's, fc1's, fc2's; a missing bias None), 2 `eps` (norm1, norm2),
-// 4 `ways` (qkv, out_proj, fc1, fc2), a key and a value storage and its `past`. -> the last block's output, then
-// each block's keys and values so far (views of its storages). Called once a step instead of twice a block from
-// Python, it saves GPT-2 small's step the 12 blocks' module calls, checks and 23 of 24 calls into C++.
-std::vector<torch::Tensor> decode_blocks(torch::Tensor x, const std::vector<c10::optional<torch::Tensor>>& weights,
-                                         const std::vector<double>& eps, const std::vector<std::string>& ways,
-                                         const std::vector<torch::Tensor>& key_stores,
-                                         const std::vector<torch::Tensor>& value_stores,
-                                         const std::vector<int64_t>& pasts, int64_t n_heads, double scaling,
-                                         const c10::optional<torch::Tensor>& mask) {
-  const size_t blocks = key_stores.size();
-  TORCH_CHECK(weights.size() == 12 * blocks && eps.size() == 2 * blocks && ways.size() == 4 * blocks &&
-                  value_stores.size() == blocks && pasts.size() == blocks,
-              "decode_blocks: per block 12 weights, 2 eps, 4 ways, a key and a value storage and its past");
-  std::vector<torch::Tensor> out{x};
-  for (size_t i = 0; i < blocks; ++i) {
-    const c10::optional<torch::Tensor>* w = &weights[12 * i];
-    for (int j : {0, 1, 2, 4, 6, 7, 8, 10})
-      TORCH_CHECK(w[j].has_value() && w[j]->defined(), "decode_blocks: block ", i, " lacks weight ", j);
-    const std::vector<torch::Tensor> qkv = block_attention_input(
-        out[0], *w[0], *w[1], eps[2 * i], *w[2], w[3], n_heads, ways[4 * i], key_stores[i], value_stores[i], pasts[i]);
-    out[0] = block_output(out[0], qkv[0], qkv[1], qkv[2], mask, scaling, *w[4], w[5], *w[6], *w[7], eps[2 * i + 1],
-                          *w[8], w[9], *w[10], w[11], {ways[4 * i + 1], ways[4 * i + 2], ways[4 * i + 3]});
-    out.push_back(qkv[1]);
-    out.push_back(qkv[2]);
-  }
-  return out;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_linear", &decode_linear, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("non_temporal") = false);
-  // as torch's own operators do, without the GIL: other Python threads run meanwhile
-  m.def("block_attention_input", &block_attention_input, pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("block_output", &block_output, pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("decode_blocks", &decode_blocks, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("block_attention_input", &block_attention_input);
+  m.def("block_output", &block_output);
   m.def("decode_attention", [](torch::Tensor query, torch::Tensor key, torch::Tensor value,
                                c10::optional<torch::Tensor> mask, double scaling) {
     pybind11::gil_scoped_release no_gil;

@@ -42,7 +42,6 @@ from .speedups_scratchgpt import (
     chunked_causal_lm_loss,
     decode_sdpa_attention,
     fused_decode_block,
-    fused_decode_blocks,
     packed_sdpa_attention,
 )
 
@@ -320,12 +319,8 @@ class ScratchGPTModel(ScratchGPTPreTrainedModel):
             position_ids=position_ids,
         )
         hidden_states = self.drop_emb(inputs_embeds + self.pos_emb(position_ids))
-        fused = fused_decode_blocks(self.trf_blocks, ScratchGPTBlock, hidden_states, causal_mask, cache, kwargs)
-        if fused is not None:  # a decode step: the loop below in one call of C++ (speedups)
-            hidden_states = fused
-        else:
-            for block in self.trf_blocks:
-                hidden_states = block(hidden_states, attention_mask=causal_mask, cache=cache, **kwargs)
+        for block in self.trf_blocks:
+            hidden_states = block(hidden_states, attention_mask=causal_mask, cache=cache, **kwargs)
         hidden_states = self.final_norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 

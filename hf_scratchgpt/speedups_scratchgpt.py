@@ -471,76 +471,9 @@ def fused_decode_block(
     tracing, no keyword argument (output flags, packed sequences), eager or SDPA attention, every part the class the
     block was built with (not a LoRA adapter, not another activation) and called as it is (no hook, no forward
     replaced, as accelerate's offloading does), and each product's way measured by `DecodeLinear` (the first
-    steps, run by the block's forward, measure them) and not the split.
+    steps, run by the block's forward, measure them) and not the split. The cost: 4-5 us of checks a block.
     """
-    att = block._modules.get("att")
-    if not _fusable_step(hidden_states, kwargs, getattr(att, "config", None)):
-        return None
-    if (ways := _fusable_ways(block, hidden_states.shape[0], torch.get_num_threads())) is None:
-        return None
-    # A KVCache's layer with room: this step's keys and values are written into its storage from C++.
-    layer = cache.layers[att.layer_idx] if type(cache) is KVCache and att.layer_idx < len(cache.layers) else None
-    room = layer.room_for(hidden_states, att.n_heads) if layer is not None else None
-    kernels, weights, modules = decode_kernels(), _block_weights(block), block._modules
-    query, key, value = kernels.block_attention_input(
-        hidden_states, *weights[:2], modules["norm1"].eps, *weights[2:4], att.n_heads, ways[0],
-        *(room or (None, None, 0)),
-    )
-    if room is not None:
-        layer.keys, layer.values = key, value  # all of them so far, as `update` leaves them
-    elif cache is not None:  # append this step's keys and values; get back all of them so far
-        key, value = cache.update(key, value, att.layer_idx)
-    return kernels.block_output(
-        hidden_states, query, key, value, attention_mask, att.scaling, *weights[4:8], modules["norm2"].eps,
-        *weights[8:], ways[1:],
-    )
-
-
-def fused_decode_blocks(
-    blocks: nn.ModuleList, block_class: type, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
-    cache: Cache | None, kwargs: dict
-) -> torch.Tensor | None:
-    """The decode step of all the blocks in one call of C++ (`decode_blocks`): what calling each in turn computes,
-    where each would take `fused_decode_block`, is of `block_class`, is called as it is (no hook) and has room in its
-    layer of a `KVCache` (every step but the first after a prompt); None elsewhere, and the blocks run one by one.
-    It saves GPT-2 small's step the 12 blocks' module calls and checks and 23 of 24 calls into C++."""
-    first = blocks[0]._modules.get("att") if len(blocks) else None
-    config = getattr(first, "config", None)
-    if not _fusable_step(hidden_states, kwargs, config) or type(cache) is not KVCache or len(cache.layers) != len(blocks):
-        return None
-    rows, threads = hidden_states.shape[0], torch.get_num_threads()
-    weights, eps, ways, key_stores, value_stores, pasts = [], [], [], [], [], []
-    for block in blocks:
-        if type(block) is not block_class or block.training or _hooked(block):
-            return None
-        if (block_ways := _fusable_ways(block, rows, threads)) is None:
-            return None
-        att = block._modules["att"]
-        if att.config is not config or att.n_heads != first.n_heads or att.scaling != first.scaling:
-            return None
-        if (room := cache.layers[att.layer_idx].room_for(hidden_states, att.n_heads)) is None:
-            return None
-        weights += _block_weights(block)
-        eps += (block._modules["norm1"].eps, block._modules["norm2"].eps)
-        ways += block_ways
-        key_stores.append(room[0])
-        value_stores.append(room[1])
-        pasts.append(room[2])
-    out = decode_kernels().decode_blocks(
-        hidden_states, weights, eps, ways, key_stores, value_stores, pasts, first.n_heads, first.scaling,
-        attention_mask,
-    )
-    for block, key, value in zip(blocks, out[1::2], out[2::2]):
-        layer = cache.layers[block._modules["att"].layer_idx]
-        layer.keys, layer.values = key, value  # all of them so far, as `update` leaves them
-    return out[0]
-
-
-def _fusable_step(hidden_states: torch.Tensor, kwargs: dict, config) -> bool:
-    """Whether this forward is a decode step the fused C++ can run, as far as the whole model goes: one new token per
-    sequence, no keyword argument, no gradients, the CPU, float32 or bfloat16, no autocast, compiling or tracing,
-    no hook on every module, eager or SDPA attention, and the kernels built."""
-    return not (
+    if (
         hidden_states.shape[1] != 1
         or kwargs
         or torch.is_grad_enabled()
@@ -549,17 +482,8 @@ def _fusable_step(hidden_states: torch.Tensor, kwargs: dict, config) -> bool:
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
-        or _global_forward_hooks()
-        or getattr(config, "_attn_implementation", None) not in ("eager", "sdpa")
-        or decode_kernels() is None
-    )
-
-
-def _fusable_ways(block: nn.Module, rows: int, threads: int) -> list[str] | None:
-    """The ways of the block's four products (qkv, out_proj, fc1, fc2) where the fused C++ computes what the block's
-    forward does: every part of its stock class, in eval mode and not hooked, and each way measured and not the
-    split; None elsewhere. Their weights are moved onto 2 MB pages first where asked, as `DecodeLinear.forward`
-    would."""
+    ):
+        return None
     # The parts straight from `_modules`: `block.att` is a call of nn.Module.__getattr__, and the checks would
     # otherwise cost a step a quarter of a millisecond.
     modules = block._modules
@@ -573,21 +497,32 @@ def _fusable_ways(block: nn.Module, rows: int, threads: int) -> list[str] | None
         or act.approximate != "tanh"
         or len(att_modules) != 2
         or len(ff_modules) != 3
+        or _global_forward_hooks()
+        or att.config._attn_implementation not in ("eager", "sdpa")
+        or (kernels := decode_kernels()) is None
     ):
         return None
+    rows, threads = hidden_states.shape[0], torch.get_num_threads()
     ways = [layer.decode_way(rows, threads) for layer in (qkv, out_proj, fc1, fc2)]
     if not all(way in ("kernel", "kernel-nt", "linear") for way in ways):
         return None
-    for layer in (qkv, out_proj, fc1, fc2):  # the fused products do not pass through DecodeLinear.forward
+    for layer in (qkv, out_proj, fc1, fc2):  # the products below do not pass through DecodeLinear.forward
         layer._decoding_weight()
-    return ways
-
-
-def _block_weights(block: nn.Module) -> list[torch.Tensor | None]:
-    """The weights and biases of a block's norm1, qkv, out_proj, norm2, fc1 and fc2, in that order."""
-    att, ff = block._modules["att"]._modules, block._modules["ff"]._modules
-    parts = (block._modules["norm1"], att["qkv"], att["out_proj"], block._modules["norm2"], ff["fc1"], ff["fc2"])
-    return [tensor for part in parts for tensor in _weights(part)]
+    # A KVCache's layer with room: this step's keys and values are written into its storage from C++.
+    layer = cache.layers[att.layer_idx] if type(cache) is KVCache and att.layer_idx < len(cache.layers) else None
+    room = layer.room_for(hidden_states, att.n_heads) if layer is not None else None
+    query, key, value = kernels.block_attention_input(
+        hidden_states, *_weights(norm1), norm1.eps, *_weights(qkv), att.n_heads, ways[0],
+        *(room or (None, None, 0)),
+    )
+    if room is not None:
+        layer.keys, layer.values = key, value  # all of them so far, as `update` leaves them
+    elif cache is not None:  # append this step's keys and values; get back all of them so far
+        key, value = cache.update(key, value, att.layer_idx)
+    return kernels.block_output(
+        hidden_states, query, key, value, attention_mask, att.scaling, *_weights(out_proj), *_weights(norm2),
+        norm2.eps, *_weights(fc1), *_weights(fc2), ways[1:],
+    )
 
 
 def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
