@@ -300,8 +300,8 @@ class KVCacheLayer(DynamicLayer):
 
 def _first_places_of(view: torch.Tensor, store: torch.Tensor) -> bool:
     """Whether `view` is the storage's first positions of every sequence and head, as `narrow` makes them. Not by
-    `view._base`: a view made under `torch.inference_mode()` (as `pipeline()` runs) has none, and the cache would
-    copy itself into new storage every step."""
+    `view._base`: a view made under `torch.inference_mode()` has none, and there the cache copied itself into new
+    storage at every step (a GPT-2 small step after a 1,000-token prompt took 17.2-17.5 ms instead of 14.0-14.5)."""
     return view.data_ptr() == store.data_ptr() and view.stride() == store.stride() and view.shape[:2] == store.shape[:2]
 
 

@@ -385,7 +385,7 @@ def test_decoding_with_the_kernel_gives_the_logits_of_f_linear(kernel, two_threa
         torch.testing.assert_close(ours, theirs, **tolerance)
 
 
-@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])  # pipeline() decodes in inference mode
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])  # in inference mode views lack `_base`
 def test_kv_cache_of_one_generate_call_grows_by_doubling_in_the_next(mode):
     """generate() bounds the storage by its own length; a cache passed on to a later call still doubles (up to the
     context), not one position at a time."""
