@@ -545,8 +545,9 @@ std::vector<torch::Tensor> block_attention_input(const torch::Tensor& x, const t
   pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(x.dim() == 3 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "block_attention_input: x (B, T, C) in float32 or bfloat16");
-  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), hs = C / n_heads;
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   TORCH_CHECK(n_heads > 0 && C % n_heads == 0, "block_attention_input: the width is not a multiple of the heads");
+  const int64_t hs = C / n_heads;  // after the check: a division by 0 heads would kill the process
   const torch::Tensor qkv = product(layer_norm(x.contiguous(), norm_w, norm_b, eps), qkv_w, qkv_b, way).contiguous();
   TORCH_CHECK(qkv.size(-1) == 3 * C && qkv.scalar_type() == x.scalar_type(),
               "block_attention_input: the query/key/value product does not give 3 x the width in x's dtype");
@@ -623,7 +624,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return layer_norm(x.contiguous(), w, b, eps);  // float32 or bfloat16: with_dtype refuses the rest
   });
   m.def("gelu_tanh", [](const torch::Tensor& x) {
-    torch::Tensor y = x.contiguous().clone();
+    torch::Tensor y = x.clone(at::MemoryFormat::Contiguous);
     with_dtype(y, [&](auto tag) { gelu_tanh(y.data_ptr<decltype(tag)>(), y.numel()); });
     return y;
   });

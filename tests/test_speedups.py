@@ -212,6 +212,9 @@ def test_fused_step_functions_refuse_a_way_they_do_not_know(kernels):
         kernels.block_attention_input(x, norm, norm, 1e-5, qkv, None, 4, "bogus", None, None, 0)
     with pytest.raises(TypeError):  # the ways are names now, no longer "kernel or not"
         kernels.block_attention_input(x, norm, norm, 1e-5, qkv, None, 4, True, None, None, 0)
+    for heads in (0, 5):  # an error, not a division by zero that kills the process
+        with pytest.raises(RuntimeError, match="not a multiple of the heads"):
+            kernels.block_attention_input(x, norm, norm, 1e-5, qkv, None, heads, "kernel", None, None, 0)
 
 
 def cpu_flags() -> set[str]:
