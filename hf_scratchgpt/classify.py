@@ -157,7 +157,9 @@ def main(argv=None) -> None:
     """The `scratchgpt-classify` command: a line `label<TAB>score<TAB>text` per text."""
     args = parse_args(argv)
     import hf_scratchgpt  # noqa: F401  registers ScratchGPT with the Auto classes
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .app import is_classifier
 
     texts = list(args.texts)
     if not all(text.strip() for text in texts):
@@ -167,11 +169,18 @@ def main(argv=None) -> None:
             lines = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
         except OSError as err:
             sys.exit(f"scratchgpt-classify: error: cannot read --file {args.file}: {err.strerror}")
+        except UnicodeDecodeError as err:
+            sys.exit(f"scratchgpt-classify: error: --file {args.file} is not UTF-8 text ({err.reason}, byte "
+                     f"{err.object[err.start]:#04x})")
         texts += [line for line in lines.splitlines() if line.strip()]
     if not texts:
         sys.exit(f"scratchgpt-classify: error: --file {args.file} holds no text")
     check_model_folder("scratchgpt-classify", args.model)
     try:
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        if not is_classifier(config):  # its head would be new, random weights: labels by chance
+            sys.exit(f"scratchgpt-classify: error: {args.model} holds a language model, not a classifier: "
+                     "recipes/classify.py makes one from it")
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForSequenceClassification.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:

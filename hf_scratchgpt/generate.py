@@ -75,8 +75,8 @@ def generate_text(argv=None) -> str:
         model = AutoModelForCausalLM.from_pretrained(
             args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
         ).eval()
-    except OSError as err:
-        sys.exit(f"scratchgpt-generate: error: cannot load {args.model}: {str(err).splitlines()[0]}")
+    except (OSError, ValueError) as err:  # ValueError: a folder without a tokenizer, a config transformers refuses
+        sys.exit(f"scratchgpt-generate: error: cannot load {args.model}: {str(err).strip().splitlines()[0]}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids

@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer(model_args)
     with run.training.main_process_first(desc="classification data"):  # the others read its datasets cache
         splits = classification_splits(**data_args.sources())
+        check_splits(splits, run.training)
         labels = splits["train"].features["label"].names
         model = load_pretrained(
             ScratchGPTForSequenceClassification,
@@ -128,7 +129,6 @@ def main(argv=None) -> dict:
         features = classification_features(
             splits, tokenizer, max_length=data_args.max_length, context_length=model.config.context_length
         )
-    check_splits(features, run.training)
     # The saved tokenizer cuts texts where training did: pipeline(..., truncation=True), scratchgpt-classify.
     tokenizer.model_max_length = data_args.max_length or max(map(len, features["train"]["input_ids"]))
     if classifier_args.soften_attention is not None:  # also when resuming: LoRA's checkpoints hold no base weights
@@ -190,14 +190,14 @@ def default_config(argv: list[str]) -> Path | None:
     return chosen
 
 
-def check_splits(features, training_args) -> None:
+def check_splits(splits, training_args) -> None:
     """One batch of training texts on every process, and texts to validate and test on, before any work."""
     batch = training_args.per_device_train_batch_size * training_args.world_size
-    if len(features["train"]) < batch:
-        raise ValueError(f"the training split has {len(features['train'])} texts, fewer than one batch of {batch}: "
+    if len(splits["train"]) < batch:
+        raise ValueError(f"the training split has {len(splits['train'])} texts, fewer than one batch of {batch}: "
                          "use more data or a smaller --per_device_train_batch_size")
     for name in ("validation", "test"):
-        if len(features[name]) == 0:
+        if len(splits[name]) == 0:
             raise ValueError(f"the {name} split has no texts: use more data, or give --{name}_file")
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForSequenceClassification
+from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM, ScratchGPTForSequenceClassification
 from hf_scratchgpt.classify import (
     ClassificationMetrics,
     classify_texts,
@@ -86,11 +86,18 @@ def test_command_prints_a_label_per_text(saved_classifier, tmp_path, capsys):
         (["{folder}/missing", "a text"], "no model folder"),
         (["{folder}", "--file", "{folder}/nothing.txt"], "cannot read --file"),
         (["{folder}", ""], "an empty text cannot be classified"),
+        (["{folder}", "--file", "{folder}/latin-1.txt"], r"latin-1.txt is not UTF-8 text \(.*byte 0xe9\)"),
+        (["{folder}/language-model", "a text"], "language-model holds a language model, not a classifier"),
     ],
 )
 def test_command_errors_are_one_line(saved_classifier, argv, message):
-    with pytest.raises(SystemExit, match=message):
+    (saved_classifier / "latin-1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    language_model = saved_classifier / "language-model"
+    if not language_model.exists():  # the classifier's own body and tokenizer, saved as a language model
+        ScratchGPTForCausalLM(ScratchGPTConfig.from_pretrained(saved_classifier)).save_pretrained(language_model)
+    with pytest.raises(SystemExit, match=message) as error:
         main([arg.format(folder=saved_classifier) for arg in argv])
+    assert "\n" not in str(error.value)
 
 
 def test_command_needs_texts(saved_classifier, capsys):

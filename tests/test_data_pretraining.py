@@ -273,3 +273,13 @@ def test_a_missing_file_is_named(gpt2, tmp_path):
             pretraining_windows(source, gpt2, length=4)
     with pytest.raises(FileNotFoundError, match="no .txt files"):
         load_text_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_a_file_that_is_not_utf8_is_named(gpt2, tmp_path, num_proc):
+    latin = tmp_path / "latin-1.txt"
+    latin.write_bytes("plain words first, then caf\u00e9 in Latin-1".encode("latin-1"))
+    with pytest.raises(ValueError) as error:
+        pretraining_windows(latin, gpt2, length=4, num_proc=num_proc, cache_dir=tmp_path / "cache")
+    message = one_line(error)
+    assert str(latin) in message and "not UTF-8" in message and "0xe9" in message

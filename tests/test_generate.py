@@ -88,6 +88,14 @@ def test_a_folder_without_a_model_is_named(tmp_path):
         generate_text([str(tmp_path)])
 
 
+def test_a_folder_without_a_tokenizer_is_one_line(saved_model, tmp_path):
+    folder, _ = saved_model
+    ScratchGPTForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "weights-only")
+    with pytest.raises(SystemExit, match=f"cannot load {tmp_path / 'weights-only'}: ") as error:
+        generate_text([str(tmp_path / "weights-only")])
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.slow
 def test_the_console_command_exits_0_and_prints_the_text_once(saved_model):
     folder, _ = saved_model

@@ -170,8 +170,12 @@ class _KeptText:
 def _read_file(path: Path) -> Iterator[str]:
     """A text file in chunks of READ_CHARS characters, newlines read as Python's open() reads them."""
     with open(path, encoding="utf-8") as file:
-        while chunk := file.read(READ_CHARS):
-            yield chunk
+        try:
+            while chunk := file.read(READ_CHARS):
+                yield chunk
+        except UnicodeDecodeError as err:
+            byte = err.object[err.start]
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason}, byte {byte:#04x}): save it as UTF-8") from None
 
 
 def _cut_pieces(chunks: Iterable[str]) -> Iterator[str]:

@@ -90,6 +90,20 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return stable_hash([definition, tokenizer.eos_token_id])
 
 
+def _from_generator(generator, **kwargs) -> Dataset:
+    """`Dataset.from_generator`, with the error of the text or the tokenizer itself (a file that is not UTF-8, ...)
+    raised as it is: `datasets` wraps any error of a generator in a DatasetGenerationError that names neither."""
+    try:
+        return Dataset.from_generator(generator, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, (ValueError, OSError)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def _build_store(part: CorpusPart, tokenizer: PreTrainedTokenizerBase, folder: Path, num_proc: int | None) -> None:
     """Token ids written to Arrow files batch by batch as the text is read, then the manifest, then the rename."""
     if tokenizer.eos_token_id is None and (part.num_documents or 0) > 1:
@@ -102,7 +116,7 @@ def _build_store(part: CorpusPart, tokenizer: PreTrainedTokenizerBase, folder: P
         processes = num_proc if num_proc and num_proc > 1 else None
         num_pieces = sum(1 for _ in part.pieces()) if processes else None
         ids = List(Value(token_dtype(len(tokenizer)).name))
-        tokens = Dataset.from_generator(
+        tokens = _from_generator(
             _token_rows,
             features=Features({"input_ids": ids}),
             gen_kwargs=dict(
