@@ -84,7 +84,7 @@ class Prompt:
 def fit_prompt(tokenizer, messages: Sequence[dict], context: int, max_new_tokens: int) -> Prompt:
     """The ids of `messages` (a system turn if any, then user and assistant turns ending with the user's) for the
     next reply, leaving `max_new_tokens` (at most half the context) for it: the oldest exchanges are dropped
-    first; a last message still too long loses its start.
+    first; a last message still too long loses its start (its own tokens: the template around it stays whole).
 
     With a chat template the messages go through it, with the generation prompt. Without one (a pretrained-only
     model), the prompt is the last message's text, to be continued.
@@ -103,9 +103,26 @@ def fit_prompt(tokenizer, messages: Sequence[dict], context: int, max_new_tokens
             break
         dropped += later_user[0]  # the oldest exchange: its user turn and the replies to it
         turns = turns[later_user[0]:]
-    cut = max(0, len(ids) - budget)
-    ids = ids[cut:]
+    cut = 0
+    if len(ids) > budget and tokenizer.chat_template is not None:
+        ids, turns, cut = _cut_message_start(tokenizer, system, turns, budget)
+    if len(ids) > budget:  # a completion's text, or a template too long by itself: the prompt loses its start
+        cut += len(ids) - budget
+        ids = ids[-budget:]
     return Prompt(ids, system + turns, dropped, cut, min(max_new_tokens, context - len(ids)))
+
+
+def _cut_message_start(tokenizer, system: list[dict], turns: list[dict], budget: int):
+    """The prompt's ids, its turns and the tokens cut, with the first tokens of the last message left out until the
+    prompt fits (the chat template, its instruction headers and the system message kept whole)."""
+    content = tokenizer(turns[-1]["content"], add_special_tokens=False).input_ids
+    keep = len(content)
+    ids = _encode(tokenizer, system + turns)
+    while len(ids) > budget and keep > 0:  # the tail decoded and encoded again can differ by a token: measure
+        keep = max(0, keep - (len(ids) - budget))
+        turns = [*turns[:-1], {**turns[-1], "content": tokenizer.decode(content[len(content) - keep:])}]
+        ids = _encode(tokenizer, system + turns)
+    return ids, turns, len(content) - keep
 
 
 def _encode(tokenizer, messages: list[dict]) -> list[int]:

@@ -68,7 +68,19 @@ def test_fit_prompt_leaves_at_least_half_the_context_to_the_prompt(tokenizer):
     assert prompt.ids == template_ids(tokenizer, [user("Hi")])
     assert prompt.max_new_tokens == 128 - len(prompt.ids)  # the reply fills the rest of the context
     long = fit_prompt(tokenizer, [user("word " * 200)], context=128, max_new_tokens=500)
-    assert len(long.ids) == 64 and long.max_new_tokens == 64 and long.cut_tokens > 0
+    assert len(long.ids) <= 64 and long.max_new_tokens == 128 - len(long.ids) and long.cut_tokens > 0
+
+
+def test_a_message_too_long_loses_its_own_first_tokens_and_keeps_the_template(tokenizer):
+    system = {"role": "system", "content": "Answer briefly."}
+    words = " ".join(f"w{i}" for i in range(150))
+    prompt = fit_prompt(tokenizer, [system, user(words)], context=128, max_new_tokens=20)
+    content = tokenizer(words, add_special_tokens=False).input_ids
+    kept = prompt.messages[-1]["content"]
+    assert prompt.messages[0] == system and words.endswith(kept) and kept.endswith("w149")
+    assert prompt.ids == template_ids(tokenizer, prompt.messages)  # the whole template, around the message's end
+    assert 128 - 20 - 2 <= len(prompt.ids) <= 128 - 20  # as much of the message as fits (re-encoding: a token or two)
+    assert prompt.cut_tokens == len(content) - len(tokenizer(kept, add_special_tokens=False).input_ids)
 
 
 def test_without_a_chat_template_the_prompt_is_the_last_message_alone(gpt2):
