@@ -6,6 +6,7 @@ check the mechanics (the ids sent to the model, the history, the cut), not the a
 """
 
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -172,8 +173,11 @@ def test_a_message_longer_than_the_context_loses_its_start_and_the_chat_goes_on(
     long = " ".join(f"word{n}" for n in range(200))
     out = chat(monkeypatch, capsys, [str(chat_model), *GREEDY], [long, "Short one."])
     assert len(spy.calls) == 2
-    whole = template_ids(tokenizer, [user(long)])
-    assert spy.prompts[0] == whole[len(whole) - (CONTEXT - 8):]  # its end, with the generation prompt
+    whole, first = template_ids(tokenizer, [user(long)]), spy.prompts[0]
+    header = len(os.path.commonprefix([template_ids(tokenizer, [user(text)]) for text in ("x", "y")]))
+    assert CONTEXT - 8 - 2 <= len(first) <= CONTEXT - 8  # all the room left after the reply's (re-encoding: 1-2)
+    assert first[:header] == whole[:header]  # the template's instructions and header, whole
+    assert first[-20:] == whole[-20:]  # the message's end, with the generation prompt
     assert "its first" in out and "tokens are left out" in out
     assert spy.prompts[1] == template_ids(tokenizer, [user("Short one.")])  # the long exchange is dropped
 
