@@ -78,6 +78,10 @@ def main(argv=None) -> dict:
     run.training.remove_unused_columns = False  # the collator needs `prompt_length`
 
     splits = load_splits(data_args)
+    batch = run.training.per_device_train_batch_size * run.training.world_size
+    if len(splits["train"]) < batch:  # before the model loads; tokenizing an empty split would fail deep inside
+        raise ValueError(f"the training split has {len(splits['train'])} entries, fewer than one batch of {batch}: use "
+                         "more entries or a smaller --per_device_train_batch_size")
     tokenizer = add_chat_template(load_tokenizer(model_args))
     model = load_pretrained(ScratchGPTForCausalLM, model_args.model_name_or_path,
                             attn_implementation=run.common.attn_implementation, **config_overrides(model_args))
