@@ -107,6 +107,9 @@ class DataArguments:
             raise ValueError(f"--max_eval_samples must be at least 1, got {self.max_eval_samples}")
         if self.validation_split and not self.dataset_name:
             raise ValueError("--validation_split names a split of --dataset_name: give --dataset_name too")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction must be between 0 and 1 (both excluded), got "
+                             f"{self.validation_fraction}")
 
 
 def main(argv=None) -> dict:
