@@ -13,7 +13,8 @@ messages and cuts it 70/10/20 with pandas. Here the same steps serve any labelle
   that the training data never has.
 - `classification_splits` cuts the splits that were not given from the training data: a stratified 70/10/20
   split (each class in the same shares), after undersampling every class to the smallest with `balance`.
-- `load_sms_spam` and `sms_spam_splits` are the book's file and its exact balanced split (1,045 / 149 / 300).
+- `load_sms_spam` and `sms_spam_splits` are the book's file and its balanced split (1,045 / 149 / 300), drawn as
+  the book's pandas code draws it from every line of the file (the book's own read has 2 ham messages fewer).
 - `classification_features` tokenizes with chapter 2's `tokenize_dataset`, which keeps the `label` column.
   Unlike the book's `SpamDataset`, the texts are not padded here: a collator pads each batch, and the model
   reads each text's last real token. Texts longer than `max_length` are cut, with a warning that counts them.
@@ -93,8 +94,10 @@ def sms_spam_splits(
 ) -> DatasetDict:
     """The book's balanced split: as many ham messages as spam ones, shuffled, then 70% / 10% / 20%.
 
-    Draws the same rows as the book's pandas code (`sample(n, random_state=123)`, `sample(frac=1, ...)`),
-    which permutes with numpy's `RandomState(seed)`: 1,045 / 149 / 300 messages from the full collection.
+    Draws the rows the book's pandas code (`sample(n, random_state=123)`, `sample(frac=1, ...)`, which permutes with
+    numpy's `RandomState(seed)`) draws from the same messages: 1,045 / 149 / 300 from the full collection. Not the
+    book's exact rows: its `read_csv` joins a few lines that start with a quote, so it samples from 4,825 ham
+    messages where `load_sms_spam` reads 4,827, and about a fifth of the test messages differ.
     """
     labels = np.asarray(dataset["label"])
     spam, ham = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
@@ -347,8 +350,8 @@ def classification_splits(
 ) -> DatasetDict:
     """`train`, `validation` and `test`, columns `text` and `label`: what the classification recipe trains on.
 
-    `data_file` is the book's SMS Spam Collection; with `balance` (its default there) it gets the book's exact
-    split. Otherwise `sources` go to `load_classification_data`, and the splits it does not give are cut from the
+    `data_file` is the book's SMS Spam Collection; with `balance` (its default there) it gets the book's balanced
+    split (`sms_spam_splits`). Otherwise `sources` go to `load_classification_data`, and the splits it does not give are cut from the
     training data in the book's shares (70/10/20 without any; a validation split of 1/8 of the training data
     when only a test split is given), stratified, with seed `split_seed`. `balance` (default off) first
     undersamples every class of the training data to the smallest.
