@@ -48,7 +48,8 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "instruct" / "book_chapter7
 
 @dataclass
 class DataArguments:
-    PATHS: ClassVar[dict] = {"train_file": "hub", "validation_file": "local", "test_file": "local"}
+    PATHS: ClassVar[dict] = {"train_file": "hub", "validation_file": "local", "test_file": "local",
+                             "judge_model_path": "hub"}
 
     train_file: str | None = field(
         default=None, metadata={"help": "Entries: a JSON list or JSON Lines file, or a Hub dataset id."}
@@ -70,6 +71,8 @@ class DataArguments:
             raise ValueError("--judge_url needs --judge_model, the name of the model the endpoint serves")
         if self.judge_url and self.judge_model_path:
             raise ValueError("give --judge_url or --judge_model_path, not both")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be at least 1 (the test answers' tokens), got {self.max_new_tokens}")
 
 
 def main(argv=None) -> dict:
@@ -171,6 +174,8 @@ def answer_and_score(trainer, test, data_args: DataArguments, run) -> dict:
                 scores["test_judge_mean_score"] = judged["judge_mean_score"]
         except JudgeUnavailable as err:  # the answers and the other scores are saved all the same
             print(f"instruct: judge skipped: {err}")
+        except (OSError, ValueError) as err:  # a judge folder that holds no model it can load: the same
+            print(f"instruct: judge skipped: {str(err).strip().splitlines()[0]}")
     return scores
 
 

@@ -166,6 +166,21 @@ def test_bad_data_is_one_line_before_training(base_model, tmp_path, content, mes
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--judge_model_path", "./no-judge"], r"--judge_model_path ./no-judge: no such file or folder"),
+        (["--max_new_tokens", "0"], r"--max_new_tokens must be at least 1 \(the test answers' tokens\), got 0"),
+        (["--judge_url", "http://localhost:1/v1"], r"--judge_url needs --judge_model"),
+    ],
+)
+def test_bad_flags_are_one_line_before_training(base_model, book_data, tmp_path, flags, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+        instruct.main(run_args(base_model, book_data, tmp_path / "out", *flags))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
 @pytest.mark.slow
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(base_model, book_data, tmp_path):
     test = small_split(tmp_path, book_data, "test", slice(1045, 1046))
