@@ -177,8 +177,12 @@ def parse_recipe_args(
     parser = HfArgumentParser(dataclass_types)
     parser.set_defaults(**(defaults or {}))
     if config_path is not None:
-        known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}
-        parser.set_defaults(**read_config(config_path, known))
+        fields = [f for cls in dataclass_types for f in dataclasses.fields(cls)]
+        settings = read_config(config_path, {f.name for f in fields})
+        for f in fields:  # `train_file: a.txt` for a list field: a list of one, as the flag would make it
+            if isinstance(settings.get(f.name), str) and str(f.type).startswith(("list", "typing.List")):
+                settings[f.name] = [settings[f.name]]
+        parser.set_defaults(**settings)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         raise ValueError(f"unknown option(s): {' '.join(remaining)}")
@@ -190,7 +194,12 @@ def read_config(path, known: set[str]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    content = yaml.safe_load(path.read_text()) or {}
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ValueError(f"{path}: {where}not valid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(content).__name__}")
     flat = {}

@@ -47,6 +47,7 @@ def test_precedence_defaults_then_default_config_then_flags(tmp_path):
         ("model:\n  emb_dimm: 3\n", r"unknown config key\(s\): model.emb_dimm"),
         ("colour: red\n", r"unknown config key\(s\): colour"),
         ("- a list\n", "expected a mapping of settings"),
+        ("model:\n  name: [unclosed\n", r"line 3, column 1: not valid YAML \(expected ',' or '\]', but got"),
     ],
 )
 def test_bad_config_files_are_named(tmp_path, content, message):
@@ -54,6 +55,20 @@ def test_bad_config_files_are_named(tmp_path, content, message):
     config.write_text(content)
     with pytest.raises(ValueError, match=f"bad.yaml: {message}"):
         parse_recipe_args((Model, Train), ["--config", str(config)])
+
+
+@dataclass
+class Data:
+    train_file: list[str] | None = None
+
+
+def test_a_list_setting_given_one_string_in_a_config_file_is_a_list_of_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  train_file: corpus.txt\n")
+    (data,) = parse_recipe_args((Data,), ["--config", str(config)])
+    assert data.train_file == ["corpus.txt"]
+    config.write_text("data:\n  train_file: [a.txt, b.txt]\n")
+    assert parse_recipe_args((Data,), ["--config", str(config)])[0].train_file == ["a.txt", "b.txt"]
 
 
 def test_unknown_flag_and_missing_file(tmp_path):
