@@ -21,6 +21,7 @@ error that names it. Flags win over the file.
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -259,12 +260,20 @@ def check_paths(args) -> None:
 def check_output_dir(training_args: TrainingArguments, overwrite: bool) -> None:
     """Refuse to write over a model already saved in output_dir, unless resuming or told to."""
     output_dir = Path(training_args.output_dir)
-    if training_args.resume_from_checkpoint or overwrite or not (output_dir / "config.json").exists():
+    if training_args.resume_from_checkpoint or overwrite:
         return
-    raise ValueError(
-        f"output_dir {output_dir} already holds a model (config.json): pass --overwrite_output_dir to replace it, "
-        "--resume_from_checkpoint to continue its run, or choose another --output_dir"
-    )
+    if (output_dir / "config.json").exists():
+        raise ValueError(
+            f"output_dir {output_dir} already holds a model (config.json): pass --overwrite_output_dir to replace it, "
+            "--resume_from_checkpoint to continue its run, or choose another --output_dir"
+        )
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is not None:  # a run stopped before its end: starting over would write over its checkpoints
+        raise ValueError(
+            f"output_dir {output_dir} holds the checkpoints of a run that did not finish ({Path(last).name}): pass "
+            "--resume_from_checkpoint last to continue it, --overwrite_output_dir to start over, or choose another "
+            "--output_dir"
+        )
 
 
 def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
@@ -273,13 +282,29 @@ def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
     if wanted is None:
         return None
     if str(wanted).lower() in ("last", "latest", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = _last_complete_checkpoint(training_args.output_dir)
         if last is None:
             raise ValueError(f"--resume_from_checkpoint {wanted}: no checkpoint-* folder in {training_args.output_dir}")
-        return last
-    if not os.path.isdir(wanted):
+        wanted = last
+    elif not os.path.isdir(wanted):
         raise FileNotFoundError(f"--resume_from_checkpoint {wanted} is not a folder")
+    if not os.path.isfile(os.path.join(wanted, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {wanted} is not a checkpoint: it has no trainer_state.json, which "
+                         "each checkpoint-* folder of a run holds")
     return wanted
+
+
+def _last_complete_checkpoint(folder: str) -> str | None:
+    """The checkpoint-* folder of `folder` with the highest step that was saved whole (its trainer_state.json is
+    there: a crash while saving leaves one without); else the highest one, None if there is none."""
+    if not os.path.isdir(folder):
+        return None
+    steps = sorted((int(match.group(1)), name) for name in os.listdir(folder)
+                   if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(folder, name)))
+    if not steps:
+        return None
+    complete = [name for _, name in steps if os.path.isfile(os.path.join(folder, name, "trainer_state.json"))]
+    return os.path.join(folder, (complete or [name for _, name in steps])[-1])
 
 
 def check_enough_data(splits, training_args: TrainingArguments, examples: str, smaller: str) -> None:

@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     with training_args.main_process_first(local=False, desc="tokenizer and token ids"):
         parts = load_corpus(data_args, training_args.seed)
         tokenizer = build_tokenizer(model_args, data_args, parts["train"], training_args, run.checkpoint)
-        model = build_model(model_args, tokenizer, run.common.attn_implementation)
+        model = build_model(model_args, tokenizer, run.common.attn_implementation, run.checkpoint, run.given)
         context = model.config.context_length
         windows = pretraining_windows(
             parts, tokenizer, context, data_args.stride, num_proc=data_args.num_proc, streaming=data_args.streaming,
@@ -244,7 +244,32 @@ def build_tokenizer(
     return tokenizer
 
 
-def build_model(model_args: ModelArguments, tokenizer, attn_implementation: str) -> ScratchGPTForCausalLM:
+SHAPE = ("context_length", "emb_dim", "n_layers", "n_heads", "qkv_bias", "tie_word_embeddings")
+
+
+def build_model(
+    model_args: ModelArguments, tokenizer, attn_implementation: str, checkpoint: str | None = None,
+    given: frozenset[str] = frozenset(),
+) -> ScratchGPTForCausalLM:
+    """The model to train: the one continued (`--model_name_or_path`), the shape of the checkpoint resumed (its
+    weights are Trainer's to load), or a new one: `--preset` if given, then the shape settings, the user's over the
+    recipe's config (whose shape is the default model's, not a preset's)."""
+    if checkpoint is not None and not model_args.model_name_or_path:
+        config = ScratchGPTConfig.from_pretrained(checkpoint, attn_implementation=attn_implementation)
+        preset = ScratchGPTConfig.from_preset(model_args.preset) if "preset" in given else None
+        for name in SHAPE:  # the flags of the run being resumed may be repeated; other ones are refused
+            wanted = getattr(model_args, name) if name in given else getattr(preset, name, None)
+            if wanted is not None and wanted != getattr(config, name):
+                flag = f"--{name} {wanted}" if name in given else f"--preset {model_args.preset} ({name} {wanted})"
+                raise ValueError(f"{flag} does not fit the checkpoint resumed, {checkpoint}, whose model has "
+                                 f"{', '.join(f'{n} {getattr(config, n)}' for n in SHAPE)}: leave it out")
+        if model_args.drop_rate is not None:
+            config.drop_rate = model_args.drop_rate
+        model = ScratchGPTForCausalLM(config)
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
+        return model
     if model_args.model_name_or_path:
         overrides = {} if model_args.drop_rate is None else dict(drop_rate=model_args.drop_rate)
         model = AutoModelForCausalLM.from_pretrained(
@@ -252,11 +277,11 @@ def build_model(model_args: ModelArguments, tokenizer, attn_implementation: str)
         )
         check_vocabulary(tokenizer, model, model_args.model_name_or_path)
         return model
+    preset = model_args.preset
     overrides = {
         name: getattr(model_args, name)
-        for name in ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "tie_word_embeddings",
-                     "init_scheme")
-        if getattr(model_args, name) is not None
+        for name in (*SHAPE, "drop_rate", "init_scheme")
+        if getattr(model_args, name) is not None and (not preset or name in given or name not in SHAPE)
     }
     overrides.update(
         vocab_size=len(tokenizer),
@@ -265,7 +290,6 @@ def build_model(model_args: ModelArguments, tokenizer, attn_implementation: str)
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation=attn_implementation,
     )
-    preset = model_args.preset
     config = ScratchGPTConfig.from_preset(preset, **overrides) if preset else ScratchGPTConfig(**overrides)
     model = ScratchGPTForCausalLM(config)
     model.generation_config = GenerationConfig(

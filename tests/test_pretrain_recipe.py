@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from hf_scratchgpt import ScratchGPTConfig
 from hf_scratchgpt.data import default_corpus, split_corpus
 from hf_scratchgpt.tokenization import gpt2_tokenizer_from_dir, train_bpe_tokenizer
 from ports import free_port
@@ -131,7 +132,12 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(corpus_file, 
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     shutil.copytree(full / "checkpoint-3", stopped / "checkpoint-3")
-    pretrain.main(tiny_args(corpus_file, stopped, "--resume_from_checkpoint", "last"))
+    with pytest.raises(ValueError, match=r"holds the checkpoints of a run that did not finish \(checkpoint-3\)"):
+        pretrain.main(tiny_args(corpus_file, stopped))  # starting over would write over them
+    with pytest.raises(ValueError, match=r"--emb_dim 64 does not fit the checkpoint resumed, .*emb_dim 32"):
+        pretrain.main(tiny_args(corpus_file, stopped, "--emb_dim", "64", "--resume_from_checkpoint", "last"))
+    # The README's form: the run's settings, not its model's shape, which comes from the checkpoint.
+    pretrain.main(run_args(corpus_file, stopped, "--resume_from_checkpoint", "last"))
     expected, resumed = load_file(full / "model.safetensors"), load_file(stopped / "model.safetensors")
     assert expected.keys() == resumed.keys()
     for name in expected:
@@ -244,6 +250,16 @@ def test_config_file_values_are_used_and_flags_win(corpus_file, tmp_path):
     assert json.loads((out / "config.json").read_text())["n_layers"] == 2  # the flag in tiny_args wins
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert (args.learning_rate, args.seed) == (0.5, 9)
+
+
+def test_a_preset_gives_its_shape_and_flags_override_it(corpus_file, tmp_path):
+    out = tmp_path / "out"
+    pretrain.main(run_args(corpus_file, out, "--preset", "tiny", "--n_layers", "3", "--vocab_size", "300",
+                           "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"))
+    config, tiny = json.loads((out / "config.json").read_text()), ScratchGPTConfig.from_preset("tiny")
+    assert (config["emb_dim"], config["n_heads"], config["context_length"]) == (tiny.emb_dim, tiny.n_heads,
+                                                                                 tiny.context_length)
+    assert config["n_layers"] == 3 != tiny.n_layers  # the recipe's default config has 4
 
 
 @pytest.mark.slow

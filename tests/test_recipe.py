@@ -128,6 +128,20 @@ def test_start_recipe_seeds_before_the_recipe_builds_anything(tmp_path):
     assert not torch.equal(first_weights("--seed", "3"), first_weights("--seed", "4"))
 
 
+def test_start_recipe_refuses_the_checkpoints_of_an_unfinished_run_and_a_folder_not_a_checkpoint(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()  # what a run stopped after its first checkpoint leaves
+    with pytest.raises(ValueError, match=r"holds the checkpoints of a run that did not finish \(checkpoint-3\)"):
+        start_recipe("test", (Model,), ["--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"checkpoint-3 is not a checkpoint: it has no trainer_state.json"):
+        start_recipe("test", (Model,), ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    run = start_recipe("test", (Model,), ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
+    assert run.checkpoint == str(tmp_path / "checkpoint-3")
+    (tmp_path / "checkpoint-6").mkdir()  # a crash while saving checkpoint-6: `last` is the last one saved whole
+    run = start_recipe("test", (Model,), ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
+    assert run.checkpoint == str(tmp_path / "checkpoint-3")
+
+
 def test_start_recipe_refuses_an_output_dir_holding_a_model(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="already holds a model"):
