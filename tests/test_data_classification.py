@@ -221,6 +221,20 @@ def test_a_label_that_training_never_saw_is_named(tmp_path):
         load_classification_data()
 
 
+def test_labels_of_two_kinds_are_named_where_they_are(tmp_path):
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text('[{"text": "a", "label": 1}, {"text": "b", "label": "spam"}]')
+    with pytest.raises(ValueError, match=rf"{mixed}: the labels mix numbers and text") as error:
+        load_classification_data(train_file=mixed)
+    one_line(error)
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\na,pos\nb,neg\nc,pos\n")
+    test.write_text("text,label\nd,0\ne,1\n")
+    with pytest.raises(ValueError, match=rf"{test} has numbers for labels where {train} has text") as error:
+        load_classification_data(train_file=train, test_file=test)
+    one_line(error)
+
+
 def test_long_texts_are_cut_to_the_context_with_a_warning_that_counts_them(gpt2):
     splits = DatasetDict(
         train=Dataset.from_dict({"text": ["word " * 50, "short", "word " * 20], "label": [0, 1, 0]}),

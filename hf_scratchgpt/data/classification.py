@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -242,7 +243,17 @@ def _encode_labels(splits: dict[str, tuple[Dataset, str]], class_names: Sequence
 
 def _label_encoding(splits, class_names):
     """Class names and a function from a raw label (a string or an integer) to its id."""
-    values = [v for dataset, _ in splits.values() for v in dataset.unique("label")]
+    values, kinds = [], {}
+    for dataset, where in splits.values():
+        try:
+            unique = dataset.unique("label")
+        except pa.ArrowException:  # a JSON column holding numbers and strings
+            raise ValueError(f"{where}: the labels mix numbers and text; give them all as one or the other") from None
+        values += unique
+        kinds[where] = "text" if all(isinstance(v, str) for v in unique) else "numbers"
+    if len(set(kinds.values())) > 1:
+        text, numbers = (next(where for where, kind in kinds.items() if kind == k) for k in ("text", "numbers"))
+        raise ValueError(f"{numbers} has numbers for labels where {text} has text: give every file the same kind")
     if all(isinstance(v, str) for v in values):
         names = list(class_names) if class_names else sorted(set(values))
         ids = {label: i for i, label in enumerate(names)}
