@@ -107,7 +107,14 @@ def finish_recipe(
     """
     if run.common.space_app:
         trainer.card["space_app"] = True  # wherever the card is written: here, and again by push_to_hub
-    train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=run.checkpoint)
+    except (RuntimeError, ValueError) as err:  # torch's words for weights or optimizer state of another model
+        mismatch = ("loading state_dict", "parameter group", "size mismatch")
+        if run.checkpoint is None or not any(words in str(err) for words in mismatch):
+            raise
+        raise ValueError(f"--resume_from_checkpoint {run.checkpoint} holds the state of another model or recipe "
+                         f"({str(err).strip().splitlines()[0]}): resume with the settings of its own run") from err
     if before_save is not None:
         before_save(trainer)
     trainer.save_model()  # weights, config with auto_map, code files, tokenizer, generation config

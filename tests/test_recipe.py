@@ -1,5 +1,6 @@
 """Tests of hf_scratchgpt/recipe.py: YAML files and flags into typed arguments, checks before work, seeding."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,9 @@ from typing import ClassVar
 import pytest
 import torch
 
-from hf_scratchgpt.recipe import check_paths, final_evaluation, given_settings, parse_recipe_args, start_recipe
+from hf_scratchgpt.recipe import (
+    check_paths, final_evaluation, finish_recipe, given_settings, parse_recipe_args, start_recipe,
+)
 
 
 @dataclass
@@ -148,6 +151,25 @@ def test_start_recipe_refuses_an_output_dir_holding_a_model(tmp_path):
         start_recipe("test", (Model,), ["--output_dir", str(tmp_path)])
     run = start_recipe("test", (Model,), ["--output_dir", str(tmp_path), "--overwrite_output_dir", "true"])
     assert run.common.overwrite_output_dir and run.checkpoint is None and run.args[0].emb_dim == 8
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("Error(s) in loading state_dict for ScratchGPTForCausalLM:\n\tsize mismatch for lm_head.weight"),
+    ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group"),
+])
+def test_a_checkpoint_of_another_model_is_one_line_naming_it(tmp_path, error):
+    class Trainer:
+        def train(self, resume_from_checkpoint):
+            raise error
+
+    run = SimpleNamespace(checkpoint=str(tmp_path / "checkpoint-3"), common=SimpleNamespace(space_app=False))
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*checkpoint-3 holds the state of another model"
+                                         r" or recipe \((Error\(s\) in loading|loaded state dict)") as raised:
+        finish_recipe(Trainer(), run)
+    assert "\n" not in str(raised.value)
+    run.checkpoint = None  # not resuming: the error is not ours to explain
+    with pytest.raises(type(error), match=re.escape(str(error).splitlines()[0])):
+        finish_recipe(Trainer(), run)
 
 
 class FakeTrainer:
