@@ -206,6 +206,18 @@ def test_bad_entries_are_named_in_one_line(tmp_path, entries, expected):
     assert one_line(error).startswith(expected)
 
 
+def test_an_extra_field_of_two_types_is_named_with_its_entries(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{**ALPACA[0], "id": 1}, {**ALPACA[1], "id": "x2"}]))
+    with pytest.raises(ValueError) as error:
+        load_instruction_data(path)
+    message = one_line(error)
+    assert message.startswith(f"the field 'id' holds values of more than one type (int ({path}, entry 0) and str "
+                              f"({path}, entry 1);")
+    path.write_text(json.dumps([{**ALPACA[0], "id": 1}, {**ALPACA[1], "id": 2}]))  # one type: kept as given
+    assert load_instruction_data(path)["id"] == [1, 2]
+
+
 def test_bad_jsonl_entry_names_entry_and_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(ALPACA[1]) + "\n\n" + json.dumps({"instruction": "a", "input": ""}) + "\n")

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
@@ -113,7 +114,22 @@ def load_instruction_data(source: InstructionSource, *, split: str = "train") ->
         entries = [{**entry, "input": entry.get("input") or ""} for entry in entries]  # checked: str or None
     # Columns from the fields of all entries (`Dataset.from_list` would take the first entry's only).
     names = list(dict.fromkeys(name for entry in entries for name in entry))
-    return Dataset.from_dict({name: [entry.get(name) for entry in entries] for name in names})
+    columns = {name: [entry.get(name) for entry in entries] for name in names}
+    try:
+        return Dataset.from_dict(columns)
+    except pa.ArrowException as error:  # an extra field of another type in some entries: say which, and where
+        for name, values in columns.items():
+            try:
+                pa.array(values)
+            except pa.ArrowException:
+                first = {}  # each type of value, and the first entry that has it
+                for index, value in enumerate(values):
+                    if value is not None:
+                        first.setdefault(type(value).__name__, index)
+                kinds = " and ".join(f"{kind} ({where(index)})" for kind, index in first.items())
+                raise ValueError(f"the field {name!r} holds values of more than one type ({kinds}; {error}): give "
+                                 "them one type, or leave the field out") from None
+        raise
 
 
 def _read_file(path: Path) -> tuple[list, Callable[[int], str]]:
