@@ -194,6 +194,8 @@ def test_sms_file_keeps_the_books_split_unless_balance_is_off(shared_data):
         ("text,label\na,x\nb,x\nc,x\n", {}, r"the labels have one class \('x'\); a classifier needs at least 2"),
         ("text,label\na,x\nb,\nc,y\nd,\n", {}, r"rows 2, 4 \(counted from 1 after any header\) without a label"),
         ("text,label\na,x\n,y\n", {}, r"row 2 \(counted from 1 after any header\) without a text in column 'text'"),
+        ('{"text": "a", "label": "x"}\n{"text": "", "label": "y"}\n', {"suffix": ".jsonl"},
+         r"row 2 \(counted from 1 after any header\) without a text in column 'text'"),
         ("body,y\na,x\n", {}, r"--text_column 'text' is not a column of .*; its columns: body, y"),
         ("text,y\na,x\n", {}, r"--label_column 'label' is not a column of .*; its columns: text, y"),
         ("text,label\na,x\nb,z\n", {"class_names": ["x", "y"]}, r"label 'z' is not among --class_names \(x, y\)"),
@@ -202,7 +204,8 @@ def test_sms_file_keeps_the_books_split_unless_balance_is_off(shared_data):
     ],
 )
 def test_bad_data_is_one_line_naming_the_problem(tmp_path, content, options, message):
-    path = tmp_path / "bad.csv"
+    options = dict(options)
+    path = tmp_path / f"bad{options.pop('suffix', '.csv')}"
     path.write_text(content)
     with pytest.raises(ValueError, match=message) as error:
         load_classification_data(train_file=path, **options)

@@ -207,7 +207,7 @@ def _text_and_label(dataset: Dataset, where: str, text_column: str, label_column
         dataset = dataset.rename_column(text_column, "text")
     if label_column != "label":
         dataset = dataset.rename_column(label_column, "label")
-    missing = [i for i, text in enumerate(dataset["text"]) if text is None]
+    missing = [i for i, text in enumerate(dataset["text"]) if text is None or text == ""]
     if missing:
         raise ValueError(f"{where}: {_rows(missing)} without a text in column {text_column!r}")
     if len(dataset) and not isinstance(dataset["text"][0], str):
@@ -418,7 +418,8 @@ def classification_features(
     for name, counts in lengths.items():
         empty = np.flatnonzero(counts == 0)
         if len(empty):
-            raise ValueError(f"{name} split, row {empty[0]}: a text with no tokens cannot be classified")
+            text = splits[name][int(empty[0])][text_column]
+            raise ValueError(f"{name} split: the text {text[:40]!r} has no tokens and cannot be classified")
     if max_length is None:
         max_length = int(lengths["train"].max()) if len(lengths["train"]) else 1
         max_length = min(max_length, context_length or max_length)
