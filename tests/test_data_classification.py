@@ -224,6 +224,13 @@ def test_a_label_that_training_never_saw_is_named(tmp_path):
         load_classification_data()
 
 
+def test_true_and_false_labels_keep_their_names(tmp_path):
+    path = tmp_path / "flags.csv"
+    path.write_text("text,label\na,true\nb,false\nc,True\n")
+    data = load_classification_data(train_file=path)
+    assert data["train"].features["label"].names == ["false", "true"] and data["train"]["label"] == [1, 0, 1]
+
+
 def test_labels_of_two_kinds_are_named_where_they_are(tmp_path):
     mixed = tmp_path / "mixed.json"
     mixed.write_text('[{"text": "a", "label": 1}, {"text": "b", "label": "spam"}]')

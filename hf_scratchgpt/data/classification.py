@@ -264,6 +264,8 @@ def _label_encoding(splits, class_names):
             return ids[value]
 
         return names, encode
+    if all(isinstance(v, bool) for v in values) and not class_names:  # true/false cells: named as written
+        return ["false", "true"], lambda value, where: int(value)
     if not all(isinstance(v, (int, float)) and float(v).is_integer() for v in values):  # (bool is an int)
         odd = next(v for v in values if not (isinstance(v, (int, float)) and float(v).is_integer()))
         raise ValueError(f"labels must be strings or integers; got {odd!r} ({type(odd).__name__})")
