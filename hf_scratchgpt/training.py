@@ -178,7 +178,8 @@ def write_model_card(
         metadata["base_model"] = base_model
     final = {}
     for entry in log_history:  # the last value of each metric
-        final.update({k: v for k, v in entry.items() if k.startswith(("eval_", "train_", "test_")) or k == "loss"})
+        kept = {k: v for k, v in entry.items() if k.startswith(("eval_", "train_", "test_", "base_")) or k == "loss"}
+        final.update(kept)
     n_params = sum(p.numel() for p in model.parameters())
     auto_class = "AutoModelForSequenceClassification" if pipeline_tag == "text-classification" else "AutoModelForCausalLM"
     setup = {

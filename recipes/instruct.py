@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from transformers import IntervalStrategy
+from transformers import IntervalStrategy, TrainerCallback
 
 from hf_scratchgpt import ScratchGPTForCausalLM
 from hf_scratchgpt.data.instruction import (
@@ -72,7 +72,8 @@ class DataArguments:
         if self.judge_url and self.judge_model_path:
             raise ValueError("give --judge_url or --judge_model_path, not both")
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens must be at least 1 (the test answers' tokens), got {self.max_new_tokens}")
+            raise ValueError(f"--max_new_tokens must be at least 1 (the test answers' tokens), got "
+                             f"{self.max_new_tokens}")
 
 
 def main(argv=None) -> dict:
@@ -122,14 +123,14 @@ def main(argv=None) -> dict:
             f"trainable: {model_args.trainable}) with `recipes/instruct.py` of hf_scratchgpt.",
         ),
     )
-    before = {}  # the validation loss before tuning, to compare with the one after
-    if run.checkpoint is None and features["validation"] is not None:
-        before = trainer.evaluate(metric_key_prefix="base")
+    if run.checkpoint is None and features["validation"] is not None:  # the validation loss before tuning
+        trainer.add_callback(KeepInHistory(trainer.evaluate(metric_key_prefix="base")))
     metrics = finish_recipe(
         trainer,
         run,
         before_save=merge_adapters,
-        after_evaluate=lambda trainer: {**before, **answer_and_score(trainer, splits["test"], data_args, run)},
+        after_evaluate=lambda trainer: {**before_tuning(trainer), **answer_and_score(trainer, splits["test"], data_args,
+                                                                                    run)},
     )
     if trainer.is_world_process_zero():
         Path(run.training.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -148,6 +149,26 @@ def load_splits(data_args: DataArguments) -> dict:
         "validation": load_instruction_data(data_args.validation_file) if data_args.validation_file else empty,
         "test": load_instruction_data(data_args.test_file) if data_args.test_file else empty,
     }
+
+
+class KeepInHistory(TrainerCallback):
+    """Puts metrics measured before training into the log history as training begins (`train()` starts a new one),
+    so that each checkpoint keeps them for a resumed run."""
+
+    def __init__(self, metrics: dict):
+        self.metrics = metrics
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.log_history.append({**self.metrics, "step": 0})
+
+
+def before_tuning(trainer) -> dict:
+    """The validation metrics before tuning (`base_*`), from the log history: this run's, or, resumed, the one its
+    checkpoint kept."""
+    found = {}
+    for entry in trainer.state.log_history:
+        found.update({name: value for name, value in entry.items() if name.startswith("base_")})
+    return found
 
 
 def answer_and_score(trainer, test, data_args: DataArguments, run) -> dict:

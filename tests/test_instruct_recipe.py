@@ -184,15 +184,20 @@ def test_bad_flags_are_one_line_before_training(base_model, book_data, tmp_path,
 @pytest.mark.slow
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(base_model, book_data, tmp_path):
     test = small_split(tmp_path, book_data, "test", slice(1045, 1046))
-    args = ["--test_file", str(test), "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no"]
-    instruct.main(run_args(base_model, book_data, tmp_path / "full", *args))
+    validation = small_split(tmp_path, book_data, "validation", slice(1000, 1004))
+    args = ["--test_file", str(test), "--validation_file", str(validation), "--max_steps", "4", "--save_steps", "2",
+            "--eval_strategy", "no"]
+    full = instruct.main(run_args(base_model, book_data, tmp_path / "full", *args))
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     os.rename(tmp_path / "full" / "checkpoint-2", stopped / "checkpoint-2")
-    instruct.main(run_args(base_model, book_data, stopped, *args, "--resume_from_checkpoint", "last"))
+    again = instruct.main(run_args(base_model, book_data, stopped, *args, "--resume_from_checkpoint", "last"))
     expected, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(stopped / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+    # The loss before tuning, measured by the first run only, is in both runs' metrics and cards.
+    assert again["base_loss"] == full["base_loss"] and again["eval_loss"] == pytest.approx(full["eval_loss"])
+    assert all("base_loss" in (folder / "README.md").read_text() for folder in (tmp_path / "full", stopped))
 
 
 @pytest.mark.slow
