@@ -165,7 +165,8 @@ def test_bad_input_is_one_line_before_training(corpus_file, tmp_path):
         (["--streaming", "true", "--max_steps", "-1"], r"--streaming needs --max_steps"),
         (["--max_eval_samples", "0"], r"--max_eval_samples must be at least 1, got 0"),
         (["--validation_split", "test"], r"--validation_split names a split of --dataset_name"),
-        (["--validation_fraction", "1.5"], r"--validation_fraction must be between 0 and 1 \(both excluded\), got 1.5"),
+        (["--validation_fraction", "1.5"],
+         r"--validation_fraction must be between 0 and 1 \(both excluded\), got 1.5"),
     ],
 )
 def test_bad_flags_raise_before_training(corpus_file, tmp_path, extra, message):

@@ -364,10 +364,10 @@ def classification_splits(
     """`train`, `validation` and `test`, columns `text` and `label`: what the classification recipe trains on.
 
     `data_file` is the book's SMS Spam Collection; with `balance` (its default there) it gets the book's balanced
-    split (`sms_spam_splits`). Otherwise `sources` go to `load_classification_data`, and the splits it does not give are cut from the
-    training data in the book's shares (70/10/20 without any; a validation split of 1/8 of the training data
-    when only a test split is given), stratified, with seed `split_seed`. `balance` (default off) first
-    undersamples every class of the training data to the smallest.
+    split (`sms_spam_splits`). Otherwise `sources` go to `load_classification_data`, and the splits it does not
+    give are cut from the training data in the book's shares (70/10/20 without any; a validation split of 1/8 of
+    the training data when only a test split is given), stratified, with seed `split_seed`. `balance` (default
+    off) first undersamples every class of the training data to the smallest.
     """
     if data_file and any(sources.get(key) for key in ("train_file", "dataset_name")):
         raise ValueError("give --data_file (the SMS Spam Collection) or --train_file / --dataset_name, not both")
