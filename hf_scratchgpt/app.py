@@ -115,12 +115,15 @@ def fit_prompt(tokenizer, messages: Sequence[dict], context: int, max_new_tokens
 def _cut_message_start(tokenizer, system: list[dict], turns: list[dict], budget: int):
     """The prompt's ids, its turns and the tokens cut, with the first tokens of the last message left out until the
     prompt fits (the chat template, its instruction headers and the system message kept whole)."""
+    ids = _encode(tokenizer, system + turns)
+    if len(_encode(tokenizer, [*system, *turns[:-1], {**turns[-1], "content": ""}])) > budget:
+        return ids, turns, 0  # the rest alone is too long (a long system message): the prompt's start is cut instead
     content = tokenizer(turns[-1]["content"], add_special_tokens=False).input_ids
     keep = len(content)
-    ids = _encode(tokenizer, system + turns)
     while len(ids) > budget and keep > 0:  # the tail decoded and encoded again can differ by a token: measure
         keep = max(0, keep - (len(ids) - budget))
-        turns = [*turns[:-1], {**turns[-1], "content": tokenizer.decode(content[len(content) - keep:])}]
+        tail = tokenizer.decode(content[len(content) - keep:]).lstrip("\ufffd")  # no half of a character
+        turns = [*turns[:-1], {**turns[-1], "content": tail}]
         ids = _encode(tokenizer, system + turns)
     return ids, turns, len(content) - keep
 

@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     check_model_folder("scratchgpt-classify", args.model)
     try:
         config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        if not is_classifier(config):  # its head would be new, random weights: labels by chance
+        if config.architectures and not is_classifier(config):  # its head would be new random weights: chance
             sys.exit(f"scratchgpt-classify: error: {args.model} holds a language model, not a classifier: "
                      "recipes/classify.py makes one from it")
         tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -22,6 +22,7 @@ error that names it. Flags win over the file.
 import dataclasses
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ import torch
 import yaml
 from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available
-from transformers.trainer_utils import get_last_checkpoint
 
 from .hub import check_local_path
 
@@ -83,6 +83,8 @@ def start_recipe(
         check_paths(args)
     check_output_dir(training, common.overwrite_output_dir)
     checkpoint = resolve_checkpoint(training)
+    if common.overwrite_output_dir:
+        _remove_old_checkpoints(training)
     if common.tensorboard and training.report_to in ([], ["none"], "none") and is_tensorboard_available():
         training.report_to = ["tensorboard"]
     set_seed(training.seed)  # before any model is built: the same seed, the same starting weights
@@ -274,13 +276,26 @@ def check_output_dir(training_args: TrainingArguments, overwrite: bool) -> None:
             f"output_dir {output_dir} already holds a model (config.json): pass --overwrite_output_dir to replace it, "
             "--resume_from_checkpoint to continue its run, or choose another --output_dir"
         )
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if last is not None:  # a run stopped before its end: starting over would write over its checkpoints
+    if _checkpoints(str(output_dir)):  # a run stopped before its end: starting over would write over them
+        last = _last_complete_checkpoint(str(output_dir))
+        resume = f"({Path(last).name}): pass --resume_from_checkpoint last to continue it, " if last else (
+            "(none saved whole, nothing to resume): pass ")
         raise ValueError(
-            f"output_dir {output_dir} holds the checkpoints of a run that did not finish ({Path(last).name}): pass "
-            "--resume_from_checkpoint last to continue it, --overwrite_output_dir to start over, or choose another "
-            "--output_dir"
+            f"output_dir {output_dir} holds the checkpoints of a run that did not finish {resume}"
+            "--overwrite_output_dir to start over (its checkpoints are then deleted), or choose another --output_dir"
         )
+
+
+def _remove_old_checkpoints(training_args: TrainingArguments) -> None:
+    """With --overwrite_output_dir, the main process deletes the checkpoints an earlier run left in output_dir: a
+    later `--resume_from_checkpoint last` must find this run's, not one of those."""
+    if training_args.resume_from_checkpoint or training_args.process_index != 0:
+        return
+    old = _checkpoints(training_args.output_dir)
+    for name in old:
+        shutil.rmtree(os.path.join(training_args.output_dir, name))
+    if old:
+        print(f"removed the {len(old)} checkpoint(s) of the earlier run in {training_args.output_dir}")
 
 
 def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
@@ -291,27 +306,34 @@ def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
     if str(wanted).lower() in ("last", "latest", "true"):
         last = _last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint {wanted}: no checkpoint-* folder in {training_args.output_dir}")
+            saved = "none saved whole" if _checkpoints(training_args.output_dir) else "no checkpoint-* folder"
+            raise ValueError(f"--resume_from_checkpoint {wanted}: {saved} in {training_args.output_dir}")
         wanted = last
     elif not os.path.isdir(wanted):
         raise FileNotFoundError(f"--resume_from_checkpoint {wanted} is not a folder")
-    if not os.path.isfile(os.path.join(wanted, "trainer_state.json")):
+    if not os.path.isfile(os.path.join(wanted, TRAINER_STATE)):
         raise ValueError(f"--resume_from_checkpoint {wanted} is not a checkpoint: it has no trainer_state.json, which "
                          "each checkpoint-* folder of a run holds")
     return wanted
 
 
+TRAINER_STATE = "trainer_state.json"  # in every checkpoint Trainer saved whole
+
+
+def _checkpoints(folder: str) -> list[str]:
+    """The checkpoint-* folders of `folder`, by step."""
+    if not os.path.isdir(folder):
+        return []
+    steps = [(int(match.group(1)), name) for name in os.listdir(folder)
+             if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(folder, name))]
+    return [name for _, name in sorted(steps)]
+
+
 def _last_complete_checkpoint(folder: str) -> str | None:
     """The checkpoint-* folder of `folder` with the highest step that was saved whole (its trainer_state.json is
-    there: a crash while saving leaves one without); else the highest one, None if there is none."""
-    if not os.path.isdir(folder):
-        return None
-    steps = sorted((int(match.group(1)), name) for name in os.listdir(folder)
-                   if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(folder, name)))
-    if not steps:
-        return None
-    complete = [name for _, name in steps if os.path.isfile(os.path.join(folder, name, "trainer_state.json"))]
-    return os.path.join(folder, (complete or [name for _, name in steps])[-1])
+    there: a crash while saving leaves one without), or None."""
+    complete = [name for name in _checkpoints(folder) if os.path.isfile(os.path.join(folder, name, TRAINER_STATE))]
+    return os.path.join(folder, complete[-1]) if complete else None
 
 
 def check_enough_data(splits, training_args: TrainingArguments, examples: str, smaller: str) -> None:

@@ -171,6 +171,13 @@ def before_tuning(trainer) -> dict:
     return found
 
 
+def _local_judge(path: str) -> LocalJudge:
+    try:
+        return LocalJudge(path, max_new_tokens=8)
+    except (OSError, ValueError) as err:  # a folder that holds no model it can load: a judge that does not answer
+        raise JudgeUnavailable(f"cannot load {path}: {str(err).strip().splitlines()[0]}") from err
+
+
 def answer_and_score(trainer, test, data_args: DataArguments, run) -> dict:
     """Answer the test instructions into test-responses.json, score them, and ask the judge if there is one.
 
@@ -187,7 +194,7 @@ def answer_and_score(trainer, test, data_args: DataArguments, run) -> dict:
         try:
             judge = (  # the reply is one integer: a few tokens (and a small judge's context holds them)
                 EndpointJudge(data_args.judge_url, data_args.judge_model, max_tokens=8) if data_args.judge_url
-                else LocalJudge(data_args.judge_model_path, max_new_tokens=8)
+                else _local_judge(data_args.judge_model_path)
             )
             judged = judge_responses(answered, judge)
             scores["test_judge_unparsed"] = judged["judge_unparsed"]  # replies without a score
@@ -195,8 +202,6 @@ def answer_and_score(trainer, test, data_args: DataArguments, run) -> dict:
                 scores["test_judge_mean_score"] = judged["judge_mean_score"]
         except JudgeUnavailable as err:  # the answers and the other scores are saved all the same
             print(f"instruct: judge skipped: {err}")
-        except (OSError, ValueError) as err:  # a judge folder that holds no model it can load: the same
-            print(f"instruct: judge skipped: {str(err).strip().splitlines()[0]}")
     return scores
 
 

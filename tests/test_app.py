@@ -83,6 +83,12 @@ def test_a_message_too_long_loses_its_own_first_tokens_and_keeps_the_template(to
     assert prompt.cut_tokens == len(content) - len(tokenizer(kept, add_special_tokens=False).input_ids)
 
 
+def test_a_system_message_too_long_cuts_the_prompts_start_and_keeps_the_users_message(tokenizer):
+    system, question = {"role": "system", "content": "sys " * 200}, user("hello there")
+    prompt = fit_prompt(tokenizer, [system, question], context=128, max_new_tokens=20)
+    assert prompt.messages == [system, question] and prompt.ids == template_ids(tokenizer, prompt.messages)[-108:]
+
+
 def test_without_a_chat_template_the_prompt_is_the_last_message_alone(gpt2):
     prompt = fit_prompt(gpt2, [user("Every effort"), assistant("moves you"), user("The for statement")], 128, 8)
     assert prompt.ids == gpt2("The for statement").input_ids and prompt.dropped_turns == 0

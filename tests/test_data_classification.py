@@ -237,6 +237,11 @@ def test_labels_of_two_kinds_are_named_where_they_are(tmp_path):
     with pytest.raises(ValueError, match=rf"{mixed}: the labels mix numbers and text") as error:
         load_classification_data(train_file=mixed)
     one_line(error)
+    several = tmp_path / "several.jsonl"
+    several.write_text('{"text": "a", "label": ["x", "y"]}\n{"text": "b", "label": ["x"]}\n')
+    with pytest.raises(ValueError, match=rf"{several}: each label must be one string or integer, got List") as error:
+        load_classification_data(train_file=several)
+    one_line(error)
     train, test = tmp_path / "train.csv", tmp_path / "test.csv"
     train.write_text("text,label\na,pos\nb,neg\nc,pos\n")
     test.write_text("text,label\nd,0\ne,1\n")

@@ -214,6 +214,11 @@ def test_an_extra_field_of_two_types_is_named_with_its_entries(tmp_path):
     message = one_line(error)
     assert message.startswith(f"the field 'id' holds values of more than one type (int ({path}, entry 0) and str "
                               f"({path}, entry 1);")
+    path.write_text(json.dumps([{**ALPACA[0], "tags": [1, 2]}, {**ALPACA[1], "tags": ["x"]}]))  # lists of two kinds
+    with pytest.raises(ValueError) as error:
+        load_instruction_data(path)
+    assert one_line(error).startswith(f"the field 'tags' holds values of more than one type (list of another kind "
+                                      f"({path}, entry 1);")
     path.write_text(json.dumps([{**ALPACA[0], "id": 1}, {**ALPACA[1], "id": 2}]))  # one type: kept as given
     assert load_instruction_data(path)["id"] == [1, 2]
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_scratchgpt import ScratchGPTConfig, ScratchGPTForCausalLM
 from hf_scratchgpt.data.instruction import add_chat_template, render_prompt
+from hf_scratchgpt.judge import JudgeUnavailable
 from hf_scratchgpt.responses import answer_instructions, score_responses
 from ports import free_port
 
@@ -165,6 +166,11 @@ def test_bad_data_is_one_line_before_training(base_model, tmp_path, content, mes
         instruct.main(run_args(base_model, data, tmp_path / "out"))
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_a_judge_folder_that_holds_no_model_is_a_judge_that_does_not_answer(tmp_path):
+    with pytest.raises(JudgeUnavailable, match=f"cannot load {tmp_path}: "):
+        instruct._local_judge(str(tmp_path))
 
 
 @pytest.mark.parametrize(

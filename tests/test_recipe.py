@@ -132,17 +132,25 @@ def test_start_recipe_seeds_before_the_recipe_builds_anything(tmp_path):
 
 
 def test_start_recipe_refuses_the_checkpoints_of_an_unfinished_run_and_a_folder_not_a_checkpoint(tmp_path):
-    (tmp_path / "checkpoint-3").mkdir()  # what a run stopped after its first checkpoint leaves
-    with pytest.raises(ValueError, match=r"holds the checkpoints of a run that did not finish \(checkpoint-3\)"):
-        start_recipe("test", (Model,), ["--output_dir", str(tmp_path)])
+    def start(*flags):
+        return start_recipe("test", (Model,), ["--output_dir", str(tmp_path), *flags])
+
+    (tmp_path / "checkpoint-3").mkdir()  # a crash while saving the first checkpoint
+    with pytest.raises(ValueError, match=r"did not finish \(none saved whole, nothing to resume\): pass "
+                                         r"--overwrite_output_dir to start over"):
+        start()
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint last: none saved whole in"):
+        start("--resume_from_checkpoint", "last")
     with pytest.raises(ValueError, match=r"checkpoint-3 is not a checkpoint: it has no trainer_state.json"):
-        start_recipe("test", (Model,), ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
+        start("--resume_from_checkpoint", str(tmp_path / "checkpoint-3"))
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    run = start_recipe("test", (Model,), ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
-    assert run.checkpoint == str(tmp_path / "checkpoint-3")
-    (tmp_path / "checkpoint-6").mkdir()  # a crash while saving checkpoint-6: `last` is the last one saved whole
-    run = start_recipe("test", (Model,), ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
-    assert run.checkpoint == str(tmp_path / "checkpoint-3")
+    (tmp_path / "checkpoint-6").mkdir()  # a crash while saving the second: `last` is the last one saved whole
+    with pytest.raises(ValueError, match=r"did not finish \(checkpoint-3\): pass --resume_from_checkpoint last"):
+        start()
+    assert start("--resume_from_checkpoint", "last").checkpoint == str(tmp_path / "checkpoint-3")
+    assert (tmp_path / "checkpoint-3").is_dir() and (tmp_path / "checkpoint-6").is_dir()
+    run = start("--overwrite_output_dir", "true")  # starting over: the old run's checkpoints go
+    assert run.checkpoint is None and not list(tmp_path.glob("checkpoint-*"))
 
 
 def test_start_recipe_refuses_an_output_dir_holding_a_model(tmp_path):

@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -245,10 +244,12 @@ def _label_encoding(splits, class_names):
     """Class names and a function from a raw label (a string or an integer) to its id."""
     values, kinds = [], {}
     for dataset, where in splits.values():
-        try:
-            unique = dataset.unique("label")
-        except pa.ArrowException:  # a JSON column holding numbers and strings
-            raise ValueError(f"{where}: the labels mix numbers and text; give them all as one or the other") from None
+        feature = dataset.features["label"]
+        if type(feature).__name__ == "Json":  # what `datasets` makes of a JSON column of numbers and strings
+            raise ValueError(f"{where}: the labels mix numbers and text; give them all as one or the other")
+        if not isinstance(feature, Value):  # a list of labels a row (multi-label data), a dict, ...
+            raise ValueError(f"{where}: each label must be one string or integer, got {feature}")
+        unique = dataset.unique("label")
         values += unique
         kinds[where] = "text" if all(isinstance(v, str) for v in unique) else "numbers"
     if len(set(kinds.values())) > 1:

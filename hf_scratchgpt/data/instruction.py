@@ -119,17 +119,26 @@ def load_instruction_data(source: InstructionSource, *, split: str = "train") ->
         return Dataset.from_dict(columns)
     except pa.ArrowException as error:  # an extra field of another type in some entries: say which, and where
         for name, values in columns.items():
-            try:
-                pa.array(values)
-            except pa.ArrowException:
+            if not _fits(values):
                 first = {}  # each type of value, and the first entry that has it
                 for index, value in enumerate(values):
                     if value is not None:
                         first.setdefault(type(value).__name__, index)
+                if len(first) == 1:  # lists or dicts of different contents: the first entry that does not fit
+                    index = next(i for i in range(len(values)) if not _fits(values[: i + 1]))
+                    first = {f"{type(values[index]).__name__} of another kind": index}
                 kinds = " and ".join(f"{kind} ({where(index)})" for kind, index in first.items())
                 raise ValueError(f"the field {name!r} holds values of more than one type ({kinds}; {error}): give "
                                  "them one type, or leave the field out") from None
         raise
+
+
+def _fits(values: list) -> bool:
+    try:
+        pa.array(values)
+    except pa.ArrowException:
+        return False
+    return True
 
 
 def _read_file(path: Path) -> tuple[list, Callable[[int], str]]:

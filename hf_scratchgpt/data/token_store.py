@@ -98,8 +98,8 @@ def _from_generator(generator, **kwargs) -> Dataset:
     except datasets.exceptions.DatasetGenerationError as err:
         cause = err.__cause__
         while cause is not None and not isinstance(cause, (ValueError, OSError)):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
+            cause = cause.__cause__
+        if cause is None or type(cause).__module__.startswith("pyarrow"):  # none, or the writer's own: as it came
             raise
         raise cause from None
 
