@@ -43,7 +43,9 @@ class RecipeArguments:
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "eager (the book's math written out) or sdpa (PyTorch's fused kernel)."}
     )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Write over a model in output_dir."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Write over a model in output_dir, or delete an unfinished run's checkpoints."}
+    )
     tensorboard: bool = field(default=True, metadata={"help": "Log to TensorBoard when it is installed."})
     space_app: bool = field(
         default=False,
