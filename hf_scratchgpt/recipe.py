@@ -338,17 +338,26 @@ def _last_complete_checkpoint(folder: str) -> str | None:
     return os.path.join(folder, complete[-1]) if complete else None
 
 
+def check_one_batch(train, training_args: TrainingArguments, examples: str, smaller: str | None = None) -> None:
+    """The training split must fill one batch on every process: checked before any work, in every recipe.
+
+    `examples` names what the rows are ("windows of 128 tokens"); `smaller`, a flag that makes more of them.
+    """
+    batch = training_args.per_device_train_batch_size * training_args.world_size
+    if len(train) < batch:
+        flags = f"{smaller} or --per_device_train_batch_size" if smaller else "--per_device_train_batch_size"
+        raise ValueError(
+            f"the training data gives {len(train)} {examples}, fewer than one batch of {batch}: use more data or a "
+            f"smaller {flags}"
+        )
+
+
 def check_enough_data(splits, training_args: TrainingArguments, examples: str, smaller: str) -> None:
     """The training split must fill one batch on every process, and the validation split hold an example.
 
     `examples` names what the rows are ("windows of 128 tokens"); `smaller` is the flag that makes more of them.
     """
-    batch = training_args.per_device_train_batch_size * training_args.world_size
-    if len(splits["train"]) < batch:
-        raise ValueError(
-            f"the training data gives {len(splits['train'])} {examples}, fewer than one batch of {batch}: use more "
-            f"data, a smaller {smaller} or --per_device_train_batch_size"
-        )
+    check_one_batch(splits["train"], training_args, examples, smaller)
     if len(splits["validation"]) == 0:
         raise ValueError(f"the validation data gives no {examples.split()[0]}: raise --validation_fraction")
 
@@ -366,6 +375,7 @@ __all__ = [
     "RecipeArguments",
     "RecipeRun",
     "check_enough_data",
+    "check_one_batch",
     "check_output_dir",
     "check_paths",
     "check_vocabulary",

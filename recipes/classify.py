@@ -43,7 +43,7 @@ from hf_scratchgpt.finetuning import (
     trainable_summary,
 )
 from hf_scratchgpt.hub import is_local_path
-from hf_scratchgpt.recipe import check_vocabulary, finish_recipe, run_recipe, start_recipe
+from hf_scratchgpt.recipe import check_one_batch, check_vocabulary, finish_recipe, run_recipe, start_recipe
 from hf_scratchgpt.training import LossPlotCallback, ScratchGPTTrainer
 
 CONFIGS = Path(__file__).parent / "configs" / "classify"
@@ -192,10 +192,7 @@ def default_config(argv: list[str]) -> Path | None:
 
 def check_splits(splits, training_args) -> None:
     """One batch of training texts on every process, and texts to validate and test on, before any work."""
-    batch = training_args.per_device_train_batch_size * training_args.world_size
-    if len(splits["train"]) < batch:
-        raise ValueError(f"the training split has {len(splits['train'])} texts, fewer than one batch of {batch}: "
-                         "use more data or a smaller --per_device_train_batch_size")
+    check_one_batch(splits["train"], training_args, "texts")
     for name in ("validation", "test"):
         if len(splits[name]) == 0:
             raise ValueError(f"the {name} split has no texts: use more data, or give --{name}_file")

@@ -39,7 +39,7 @@ from hf_scratchgpt.finetuning import (
 )
 from hf_scratchgpt.hub import is_local_path
 from hf_scratchgpt.judge import EndpointJudge, JudgeUnavailable, LocalJudge, judge_responses
-from hf_scratchgpt.recipe import check_vocabulary, finish_recipe, run_recipe, start_recipe
+from hf_scratchgpt.recipe import check_one_batch, check_vocabulary, finish_recipe, run_recipe, start_recipe
 from hf_scratchgpt.responses import answer_instructions, score_responses
 from hf_scratchgpt.training import LossPlotCallback, SampleGenerationCallback, ScratchGPTTrainer
 
@@ -82,10 +82,7 @@ def main(argv=None) -> dict:
     run.training.remove_unused_columns = False  # the collator needs `prompt_length`
 
     splits = load_splits(data_args)
-    batch = run.training.per_device_train_batch_size * run.training.world_size
-    if len(splits["train"]) < batch:  # before the model loads; tokenizing an empty split would fail deep inside
-        raise ValueError(f"the training split has {len(splits['train'])} entries, fewer than one batch of {batch}: use "
-                         "more entries or a smaller --per_device_train_batch_size")
+    check_one_batch(splits["train"], run.training, "entries")  # before the model loads and the data is tokenized
     tokenizer = add_chat_template(load_tokenizer(model_args))
     model = load_pretrained(ScratchGPTForCausalLM, model_args.model_name_or_path,
                             attn_implementation=run.common.attn_implementation, **config_overrides(model_args))

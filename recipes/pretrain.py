@@ -254,22 +254,6 @@ def build_model(
     """The model to train: the one continued (`--model_name_or_path`), the shape of the checkpoint resumed (its
     weights are Trainer's to load), or a new one: `--preset` if given, then the shape settings, the user's over the
     recipe's config (whose shape is the default model's, not a preset's)."""
-    if checkpoint is not None and not model_args.model_name_or_path:
-        config = ScratchGPTConfig.from_pretrained(checkpoint, attn_implementation=attn_implementation)
-        preset = ScratchGPTConfig.from_preset(model_args.preset) if "preset" in given else None
-        for name in SHAPE:  # the flags of the run being resumed may be repeated; other ones are refused
-            wanted = getattr(model_args, name) if name in given else getattr(preset, name, None)
-            if wanted is not None and wanted != getattr(config, name):
-                flag = f"--{name} {wanted}" if name in given else f"--preset {model_args.preset} ({name} {wanted})"
-                raise ValueError(f"{flag} does not fit the checkpoint resumed, {checkpoint}, whose model has "
-                                 f"{', '.join(f'{n} {getattr(config, n)}' for n in SHAPE)}: leave it out")
-        if model_args.drop_rate is not None:
-            config.drop_rate = model_args.drop_rate
-        model = ScratchGPTForCausalLM(config)
-        model.generation_config = GenerationConfig(
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-        )
-        return model
     if model_args.model_name_or_path:
         overrides = {} if model_args.drop_rate is None else dict(drop_rate=model_args.drop_rate)
         model = AutoModelForCausalLM.from_pretrained(
@@ -277,26 +261,43 @@ def build_model(
         )
         check_vocabulary(tokenizer, model, model_args.model_name_or_path)
         return model
-    preset = model_args.preset
-    overrides = {
-        name: getattr(model_args, name)
-        for name in (*SHAPE, "drop_rate", "init_scheme")
-        if getattr(model_args, name) is not None and (not preset or name in given or name not in SHAPE)
-    }
-    overrides.update(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=attn_implementation,
-    )
-    config = ScratchGPTConfig.from_preset(preset, **overrides) if preset else ScratchGPTConfig(**overrides)
+    if checkpoint is not None:
+        config = resumed_config(checkpoint, model_args, given, attn_implementation)
+    else:
+        preset = model_args.preset
+        overrides = {
+            name: getattr(model_args, name)
+            for name in (*SHAPE, "drop_rate", "init_scheme")
+            if getattr(model_args, name) is not None and (not preset or name in given or name not in SHAPE)
+        }
+        overrides.update(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            attn_implementation=attn_implementation,
+        )
+        config = ScratchGPTConfig.from_preset(preset, **overrides) if preset else ScratchGPTConfig(**overrides)
     model = ScratchGPTForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     return model
 
+
+def resumed_config(checkpoint: str, model_args: ModelArguments, given: frozenset[str], attn_implementation: str):
+    """The config of the checkpoint resumed: the flags of its run may be repeated, a shape that differs is refused."""
+    config = ScratchGPTConfig.from_pretrained(checkpoint, attn_implementation=attn_implementation)
+    preset = ScratchGPTConfig.from_preset(model_args.preset) if "preset" in given else None
+    for name in SHAPE:
+        wanted = getattr(model_args, name) if name in given else getattr(preset, name, None)
+        if wanted is not None and wanted != getattr(config, name):
+            flag = f"--{name} {wanted}" if name in given else f"--preset {model_args.preset} ({name} {wanted})"
+            raise ValueError(f"{flag} does not fit the checkpoint resumed, {checkpoint}, whose model has "
+                             f"{', '.join(f'{n} {getattr(config, n)}' for n in SHAPE)}: leave it out")
+    if model_args.drop_rate is not None:
+        config.drop_rate = model_args.drop_rate
+    return config
 
 if __name__ == "__main__":
     run_recipe(main)

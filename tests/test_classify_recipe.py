@@ -360,7 +360,9 @@ COLUMNS = ["--text_column", "message", "--label_column", "topic"]
         (topic_rows(12), [*COLUMNS, "--validation_file", "{test}"], r"label 'music' .* never appears in the training"),
         (topic_rows(8), [*COLUMNS, "--per_device_train_batch_size", "2"],
          r"the validation split has no texts: use more data, or give --validation_file"),
-        (topic_rows(8), COLUMNS, r"the training split has 6 texts, fewer than one batch of 8"),
+        (topic_rows(8), COLUMNS,
+         r"the training data gives 6 texts, fewer than one batch of 8: use more data or a smaller "
+         r"--per_device_train_batch_size"),
     ],
 )
 def test_bad_data_is_one_line_before_training(base_model, tmp_path, rows, flags, message):

@@ -156,7 +156,7 @@ def test_the_judge_is_a_model_served_by_transformers_serve(base_model, book_data
         ("", r"empty"),
         ('[{"messages": [{"role": "robot", "content": "x"}]}]', r"entry 0, turn 0: unknown role 'robot'"),
         ('[{"instruction": "a", "input": "", "output": "b"}]',
-         r"the training split has 0 entries, fewer than one batch"),
+         r"the training data gives 0 entries, fewer than one batch"),
     ],
 )
 def test_bad_data_is_one_line_before_training(base_model, tmp_path, content, message):
